@@ -1,0 +1,263 @@
+"""The stage-replica actor: a thin shell that builds a Stage, a Transport and an executor.
+
+``StageActor`` is a plain class. The driver runs it as a Ray actor (``ray.remote(StageActor)``,
+resources and placement stated where it is created) or, for tests and debugging, as an object in a
+thread of the driver's process. ``plan_stages`` is the pure function deciding what each stage
+replica holds: its modules, tied parameters and how it reduces gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .collectives import GlooTransport, NcclTransport, ThreadHub, Topology, Transport
+from .config import ConfigError, PipelineConfig
+from .executor import ChunkResult, ReduceSpec, StageExecutor, TieSpec
+from .schedule import Action
+from .stage import OptimizerFactory, Stage, StageError
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything one stage replica needs to know, decided on the driver."""
+
+    stage: int
+    replica: int
+    rank: int
+    num_stages: int
+    num_replicas: int
+    num_microbatches: int
+    module_ids: tuple[int, ...]
+    local_ties: tuple[tuple[str, ...], ...]     # tied names that live together on this stage
+    ties: tuple[TieSpec, ...]                   # tied names shared with other stages
+    tie_sources: tuple[tuple[str, int], ...]    # (group, rank whose value all holders start from)
+    max_grad_norm: float | None
+    grad_scale: float
+    device: str
+    torch_threads: int
+    recompute: bool
+    autocast_bf16: bool
+    timeout_s: float
+    seed: int
+
+    @property
+    def where(self) -> str:
+        return f"stage {self.stage} replica {self.replica}"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The pure result of planning: one spec per (stage, replica) and the group topology."""
+
+    specs: tuple[tuple[StageSpec, ...], ...]    # specs[s][r]
+    topology: Topology
+
+
+def plan_stages(
+    config: PipelineConfig,
+    num_modules: int,
+    param_shapes: Sequence[Mapping[str, tuple[int, ...]]],
+    tied_parameters: Sequence[Sequence[str]] | None,
+    *,
+    num_microbatches: int,
+    max_grad_norm: float | None,
+    device: str = "cpu",
+    torch_threads: int = 1,
+    recompute: Sequence[int] = (),
+    autocast_bf16: bool = False,
+    timeout_s: float = 120.0,
+    seed: int = 0,
+) -> StagePlan:
+    """Decide each stage replica's modules and ties. ``param_shapes[k]`` maps module k's
+    parameter names to shapes (used to check tied parameters before anything starts)."""
+    m2s = list(config.module_to_stage_map)
+    d, w = config.num_stages, config.num_replicas
+    if len(m2s) == num_modules + 1:
+        if m2s[-1] != d - 1:
+            raise ConfigError(f"{config.source}: module_to_stage_map has one entry more than there "
+                              f"are modules ({num_modules}), which is read as the loss's stage; "
+                              f"the loss must be on the last stage ({d - 1}), not {m2s[-1]}")
+        m2s = m2s[:-1]
+        if m2s[-1] != d - 1:
+            raise ConfigError(f"{config.source}: the last stage ({d - 1}) has no modules besides "
+                              "the loss; give it at least one module")
+    elif len(m2s) != num_modules:
+        raise ConfigError(f"{config.source}: module_to_stage_map has {len(m2s)} entries but there "
+                          f"are {num_modules} modules; give one stage per module (optionally one "
+                          "more, last, for the loss)")
+    stage_of = {k: m2s[k] for k in range(num_modules)}
+
+    groups = [list(g) for g in (tied_parameters or [])]
+    local_ties: dict[int, list[tuple[str, ...]]] = {s: [] for s in range(d)}
+    # Per cross-stage tie: the holder stages, the canonical name on each, and the stage holding
+    # the group's first name, whose value every holder starts from.
+    cross: list[tuple[list[int], dict[int, str], int]] = []
+    for gi, group in enumerate(groups):
+        if len(group) < 2:
+            raise ConfigError(f"tied_parameters[{gi}] = {group} needs at least two names")
+        shapes = []
+        for name in group:
+            mod, _, local = name.partition(".")
+            if not mod.isdigit() or int(mod) >= num_modules or local not in param_shapes[int(mod)]:
+                example = next(iter(param_shapes[0]), "weight") if param_shapes else "weight"
+                raise ConfigError(
+                    f"tied_parameters[{gi}]: {name!r} is not a parameter; names are "
+                    f"'<module index>.<parameter name>', e.g. '0.{example}'")
+            shapes.append(tuple(param_shapes[int(mod)][local]))
+        if len(set(shapes)) != 1:
+            raise ConfigError(f"tied_parameters[{gi}]: shapes differ: "
+                              + ", ".join(f"{n} {s}" for n, s in zip(group, shapes)))
+        by_stage: dict[int, list[str]] = {}
+        for name in group:
+            by_stage.setdefault(stage_of[int(name.split(".", 1)[0])], []).append(name)
+        for s, names in by_stage.items():
+            if len(names) > 1:
+                local_ties[s].append(tuple(names))
+        if len(by_stage) > 1:
+            source = stage_of[int(group[0].split(".", 1)[0])]
+            cross.append((sorted(by_stage), {s: names[0] for s, names in by_stage.items()},
+                          source))
+    topology = Topology.build([list(config.stage_to_rank_map[str(s)]) for s in range(d)],
+                              [stages for stages, _, _ in cross])
+    specs = []
+    for s in range(d):
+        row = []
+        for r in range(w):
+            ties, sources = [], []
+            for ti, (stages, canonical, source) in enumerate(cross):
+                if s in stages:
+                    ties.append(TieSpec(f"tie:{ti}", canonical[s],
+                                        counts_in_norm=(s == stages[0])))
+                    sources.append((f"tie:{ti}", topology.rank(source, 0)))
+            row.append(StageSpec(
+                stage=s, replica=r, rank=topology.rank(s, r), num_stages=d, num_replicas=w,
+                num_microbatches=num_microbatches,
+                module_ids=tuple(k for k in range(num_modules) if stage_of[k] == s),
+                local_ties=tuple(local_ties[s]), ties=tuple(ties), tie_sources=tuple(sources),
+                max_grad_norm=max_grad_norm, grad_scale=1.0 / (num_microbatches * w),
+                device=device, torch_threads=torch_threads, recompute=s in set(recompute),
+                autocast_bf16=autocast_bf16, timeout_s=timeout_s, seed=seed))
+        specs.append(tuple(row))
+    return StagePlan(tuple(specs), topology)
+
+
+@dataclass(frozen=True)
+class CommSetup:
+    """How an actor reaches its peers: "gloo" / "nccl" (Ray actors) or "thread" (in-process)."""
+
+    backend: str
+    world_name: str
+    hub: ThreadHub | None = None
+
+
+class StageActor:
+    """One stage replica. Methods are called by the driver, one at a time, in order."""
+
+    def __init__(self, spec: StageSpec, modules: Mapping[int, nn.Module | Callable[[], nn.Module]],
+                 loss_fn: Callable | None, optimizer_factory: OptimizerFactory,
+                 initial_state: Mapping[str, torch.Tensor] | None = None):
+        self.spec = spec
+        if spec.device == "cpu":
+            torch.set_num_threads(spec.torch_threads)
+        torch.manual_seed(spec.seed * 1000003 + spec.rank)
+        built = {}
+        for k, mod in modules.items():
+            built[k] = mod if isinstance(mod, nn.Module) else mod()
+            if not isinstance(built[k], nn.Module):
+                raise ConfigError(f"module {k}: the factory returned a "
+                                  f"{type(built[k]).__name__}, not a torch.nn.Module")
+        device = spec.device
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+        try:
+            self.stage = self._build(spec, built, loss_fn, optimizer_factory, initial_state,
+                                     device)
+        except Exception as e:
+            raise StageError(f"{spec.where}: building the stage failed: "
+                             f"{type(e).__name__}: {e}") from e
+        self.executor: StageExecutor | None = None
+        self.transport: Transport | None = None
+
+    @staticmethod
+    def _build(spec, built, loss_fn, optimizer_factory, initial_state, device) -> Stage:
+        return Stage(
+            stage=spec.stage, num_stages=spec.num_stages, modules=built,
+            optimizer_factory=optimizer_factory,
+            loss_fn=loss_fn if spec.stage == spec.num_stages - 1 else None,
+            local_ties=spec.local_ties, grad_scale=spec.grad_scale, device=device,
+            recompute=spec.recompute, autocast_bf16=spec.autocast_bf16,
+            initial_state=initial_state)
+
+    def where(self) -> dict[str, Any]:
+        """Where this replica runs (node, process, device)."""
+        node = None
+        try:
+            import ray
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - informational only
+            pass
+        return {"stage": self.spec.stage, "replica": self.spec.replica, "rank": self.spec.rank,
+                "host": socket.gethostname(), "pid": os.getpid(), "node_id": node,
+                "device": str(self.stage.device)}
+
+    def setup(self, topology: Topology, comm: CommSetup) -> None:
+        """Join the communication groups (all replicas call this at the same time)."""
+        spec = self.spec
+        if comm.backend == "thread":
+            assert comm.hub is not None
+            self.transport = comm.hub.transport(spec.stage, spec.replica, spec.timeout_s)
+        elif comm.backend == "gloo":
+            self.transport = GlooTransport(topology, spec.stage, spec.replica, spec.timeout_s,
+                                           comm.world_name)
+        elif comm.backend == "nccl":
+            self.transport = NcclTransport(topology, spec.stage, spec.replica, spec.timeout_s,
+                                           comm.world_name, self.stage.device)
+        else:
+            raise ConfigError(f"unknown communication backend {comm.backend!r}")
+        self.executor = StageExecutor(
+            self.stage, self.transport,
+            ReduceSpec(spec.stage, spec.replica, spec.num_stages, spec.num_replicas,
+                       spec.max_grad_norm, spec.ties),
+            spec.num_microbatches, spec.timeout_s)
+
+    def sync_weights(self) -> None:
+        """Make replicas (from replica 0) and tied copies (from the group's first name) equal."""
+        assert self.transport is not None
+        stage, spec = self.stage, self.spec
+        slot = stage._slot_of(stage.newest_version)
+        with torch.no_grad():
+            if spec.num_replicas > 1:
+                src = self.transport.topology.rank(spec.stage, 0)
+                for n in stage.param_names:
+                    self.transport.broadcast(f"replicas:{spec.stage}", slot[n], src)
+            for tie, (group, src) in zip(spec.ties, spec.tie_sources):
+                self.transport.broadcast(group, slot[tie.name], src)
+
+    def run(self, actions: Sequence[Action], inputs: Mapping | None = None,
+            targets: Mapping | None = None) -> ChunkResult:
+        assert self.executor is not None, "setup() first"
+        return self.executor.run(actions, inputs, targets)
+
+    def finish(self) -> None:
+        assert self.executor is not None
+        self.executor.finish()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.stage.named_weights().items()}
+
+    def versions(self) -> list[int]:
+        return self.stage.versions()
+
+    def set_lr(self, lr: float) -> None:
+        self.stage.set_lr(lr)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()

@@ -1,0 +1,613 @@
+"""The driver: ``PipelineTrainer`` validates a pipeline, starts its stage actors and streams steps.
+
+For each step the driver computes every stage's chunk of actions (``schedule.step_actions``) and
+hands it, with the step's inputs (first stage) and targets (last stage), to each stage replica.
+Actors execute whole chunks and talk to each other directly; the driver only submits chunks a
+couple of steps ahead, so that a 2bw pipeline never waits for it, and collects losses.
+
+Stage replicas run as Ray actors (``local=False``, the default) or as objects on threads of this
+process (``local=True``: same code, in-process transport, no Ray; for tests and debugging).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import math
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .actor import CommSetup, StageActor, StageSpec, plan_stages
+from .collectives import ThreadHub
+from .config import (ActorResources, CommConfig, ConfigError, PipelineConfig, StageOptions)
+from .executor import ChunkResult, PipelineFailure
+from .schedule import check_shape, step_actions
+from .stage import OptimizerFactory
+
+_END = object()
+LOOKAHEAD_STEPS = 2   # chunks submitted ahead of the oldest unfinished step
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker pools: where stage replicas run
+
+
+class _Pool:
+    """Stage replicas addressed as (stage, replica); calls on one replica run in order."""
+
+    def call(self, s: int, r: int, method: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def gather(self, calls: Sequence[tuple[int, int, Any]]) -> list[Any]:
+        """Results of ``calls`` in order; on the first failure, stop every replica and raise
+        PipelineFailure naming who failed and why."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def discard(self, calls: Sequence[tuple[int, int, Any]]) -> None:
+        """Forget calls that will never be gathered (after a failure)."""
+
+
+class _ThreadPool(_Pool):
+    def __init__(self, actors: list[list[StageActor]], hub: ThreadHub):
+        self.actors = actors
+        self.hub = hub
+        self.threads = [[cf.ThreadPoolExecutor(1, thread_name_prefix=f"pd2bw-s{s}r{r}")
+                         for r in range(len(row))] for s, row in enumerate(actors)]
+
+    def call(self, s, r, method, *args):
+        return self.threads[s][r].submit(getattr(self.actors[s][r], method), *args)
+
+    def gather(self, calls):
+        futs = [f for _, _, f in calls]
+        done, _ = cf.wait(futs, return_when=cf.FIRST_EXCEPTION)
+        failed = [(s, r, f) for s, r, f in calls if f.done() and f.exception() is not None]
+        if failed:
+            self.kill()
+            raise PipelineFailure("; ".join(_describe(f.exception()) for _, _, f in failed))
+        return [f.result() for f in futs]
+
+    def kill(self):
+        with self.hub.cv:
+            self.hub.cv.notify_all()
+        for row in self.threads:
+            for t in row:
+                t.shutdown(wait=False, cancel_futures=True)
+
+
+class _RayPool(_Pool):
+    def __init__(self, actors: list[list[Any]], placement_group: Any):
+        self.actors = actors
+        self.placement_group = placement_group
+
+    def call(self, s, r, method, *args):
+        return getattr(self.actors[s][r], method).remote(*args)
+
+    def gather(self, calls):
+        import ray
+
+        refs = [ref for _, _, ref in calls]
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except Exception:  # noqa: BLE001 - described below
+                self._fail(calls)
+        return ray.get(refs)
+
+    def discard(self, calls):
+        import ray
+
+        for _, _, ref in calls:
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=5)
+
+    def _fail(self, calls) -> None:
+        """Give the other replicas a moment to report (a dead actor's peers fail with it), then
+        stop everything and raise with the errors, deaths first."""
+        import ray
+
+        refs = [ref for _, _, ref in calls]
+        ray.wait(refs, num_returns=len(refs), timeout=3.0)
+        deaths, errors = [], []
+        for s, r, ref in calls:
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                how = ("failed to start" if "creation task" in str(e) else "died")
+                deaths.append(f"stage {s} replica {r} {how}: {_first_line(e)}")
+            except Exception as e:  # noqa: BLE001
+                errors.append(_describe(e))
+        self.kill()
+        raise PipelineFailure("; ".join(deaths + errors) or "a stage replica failed")
+
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Graceful stop: let each actor close its threads and groups, then exit."""
+        import ray
+
+        refs = [a.close.remote() for row in self.actors for a in row]
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        exits = [a.__ray_terminate__.remote() for row in self.actors for a in row]
+        with contextlib.suppress(Exception):
+            ray.wait(exits, num_returns=len(exits), timeout=timeout_s)
+        self.kill()
+
+    def kill(self):
+        import ray
+
+        for row in self.actors:
+            for a in row:
+                with contextlib.suppress(Exception):
+                    ray.kill(a, no_restart=True)
+        if self.placement_group is not None:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Failure|Exit))\b:?(.*)$")
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of an error that says what happened: the last 'SomeError: ...' line of a
+    remote traceback if there is one, else the first line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        m = _EXC_LINE.match(line)
+        if m and not line.startswith("ray."):
+            return f"{m.group(1)}:{m.group(2)}" if m.group(2) else m.group(1)
+    return lines[0] if lines else type(e).__name__
+
+
+def _describe(e: BaseException | None) -> str:
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, PipelineFailure):
+        return str(cause)
+    return f"{type(cause).__name__}: {_first_line(cause)}"
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepData:
+    """One step's microbatches split by replica: ``inputs[r][i]``, ``targets[r][i]``."""
+
+    inputs: list[list[Any]]
+    targets: list[list[Any]]
+
+
+class PipelineTrainer:
+    """Pipeline-parallel training of a chain of modules over Ray actors.
+
+    ``modules[k]``'s output feeds ``modules[k+1]`` (a tuple is unpacked into its arguments); a
+    microbatch's inputs go to module 0 and ``loss_fn(last_output, targets)`` gives its loss.
+    ``config`` says which stage runs each module and which ranks run each stage (replicas).
+    ``schedule`` is "2bw" (PipeDream-2BW: ``W(t+1) = W(t) - update(grad f(W(t-1)))``), "flush"
+    or "gpipe" (``W(t+1) = W(t) - update(grad f(W(t)))``). Each step is one weight update over
+    ``num_microbatches`` microbatches per replica. ``tied_parameters`` lists groups of names
+    ("<module index>.<parameter name>") that are one weight (they start from the first name's
+    value, their gradients are summed, they stay identical). ``max_grad_norm`` clips by the
+    global norm over all stages. Modules may be given as zero-argument factories (built on the
+    actor, e.g. for models too big for the driver). ``local=True`` runs the stages on threads of
+    this process instead of Ray actors.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module | Callable[[], nn.Module]],
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        config: PipelineConfig | Mapping | str,
+        optimizer_factory: OptimizerFactory,
+        schedule: str = "2bw",
+        num_microbatches: int = 4,
+        tied_parameters: Sequence[Sequence[str]] | None = None,
+        max_grad_norm: float | None = None,
+        initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+        *,
+        resources: ActorResources | None = None,
+        stage_options: StageOptions | None = None,
+        comm: CommConfig | None = None,
+        seed: int = 0,
+        name: str | None = None,
+        local: bool = False,
+    ) -> None:
+        if isinstance(config, str):
+            config = PipelineConfig.from_json(config)
+        elif isinstance(config, Mapping):
+            config = PipelineConfig.from_dict(config)
+        if not isinstance(config, PipelineConfig):
+            raise ConfigError(f"config must be a PipelineConfig, a dict or a conf.json path, "
+                              f"got {type(config).__name__}")
+        self.config = config
+        self.schedule = schedule
+        self.num_microbatches = int(num_microbatches)
+        self.resources = resources or ActorResources()
+        self.stage_options = stage_options or StageOptions()
+        self.comm = comm or CommConfig()
+        self.local = local
+        self.name = name or f"pd2bw-{uuid.uuid4().hex[:8]}"
+        d, w = config.num_stages, config.num_replicas
+        check_shape(schedule, d, self.num_microbatches)
+        if not modules:
+            raise ConfigError("modules is empty; pass the list of torch.nn.Module the pipeline "
+                              "chains")
+        if not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if not callable(optimizer_factory):
+            raise ConfigError("optimizer_factory must be callable: "
+                              "lambda params: torch.optim.Adam(params, lr=1e-3)")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (or None), got {max_grad_norm}")
+        for s in self.stage_options.recompute:
+            if not 0 <= s < d:
+                raise ConfigError(f"StageOptions.recompute names stage {s}; stages are "
+                                  f"0..{d - 1}")
+        shapes, names = _shapes_and_names(modules)
+        self._plan = plan_stages(
+            config, len(modules), shapes, tied_parameters, num_microbatches=self.num_microbatches,
+            max_grad_norm=max_grad_norm, device=self.resources.device,
+            torch_threads=self.resources.torch_threads,
+            recompute=self.stage_options.recompute,
+            autocast_bf16=self.stage_options.autocast_bf16, timeout_s=self.comm.timeout_s,
+            seed=seed)
+        if initial_state_dict is not None:
+            _check_state_keys(initial_state_dict, names)
+
+        self._next_step = 0
+        self._failed: str | None = None
+        self._events: dict[tuple[int, int], list[tuple[str, str, float, float]]] = {}
+        self._ray_started = False
+        self._pool: _Pool | None = None
+        backend = self.comm.backend
+        if backend == "auto":
+            backend = "nccl" if self.resources.num_gpus > 0 else "gloo"
+        if local:
+            backend = "thread"
+        elif backend == "nccl" and self.resources.num_gpus <= 0:
+            raise ConfigError("CommConfig.backend='nccl' needs GPU actors "
+                              "(ActorResources(num_gpus=1))")
+        self.backend = backend
+        per_stage = [{k: modules[k] for k in row[0].module_ids} for row in self._plan.specs]
+        states = [None if initial_state_dict is None else
+                  {k: v for k, v in initial_state_dict.items()
+                   if int(k.split(".", 1)[0]) in row[0].module_ids} for row in self._plan.specs]
+        try:
+            if local:
+                self._start_threads(per_stage, loss_fn, optimizer_factory, states)
+            else:
+                self._start_ray(per_stage, loss_fn, optimizer_factory, states)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ starting
+
+    def _start_threads(self, per_stage, loss_fn, optimizer_factory, states) -> None:
+        import copy
+
+        hub = ThreadHub(self._plan.topology)
+        actors = [[StageActor(spec, copy.deepcopy(per_stage[spec.stage]), loss_fn,
+                              optimizer_factory, states[spec.stage]) for spec in row]
+                  for row in self._plan.specs]
+        self._pool = _ThreadPool(actors, hub)
+        comm = CommSetup("thread", self.name, hub)
+        self._all("setup", self._plan.topology, comm)
+        self._all("sync_weights")
+
+    def _start_ray(self, per_stage, loss_fn, optimizer_factory, states) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            ray.init()
+            self._ray_started = True
+        res = self.resources
+        world = self.config.world_size
+        have = ray.cluster_resources()
+        for key, per in (("GPU", res.num_gpus), ("CPU", res.num_cpus)):
+            need = per * world
+            if need > have.get(key, 0) + 1e-9:
+                hint = ("use fewer replicas or stages, or a cluster with more GPUs"
+                        if key == "GPU" else
+                        f"lower ActorResources(num_cpus=...) (e.g. "
+                        f"{max(have.get('CPU', 0) / world, 0):.2g}) or add nodes")
+                raise ConfigError(
+                    f"the pipeline asks for {need:g} {key}s ({world} stage replicas x {per:g}) "
+                    f"but the Ray cluster has {have.get(key, 0):g}; {hint}")
+        pg = None
+        if res.num_cpus > 0 or res.num_gpus > 0:
+            bundle = {k: v for k, v in (("CPU", res.num_cpus), ("GPU", res.num_gpus)) if v > 0}
+            pg = ray.util.placement_group([dict(bundle) for _ in range(world)],
+                                          strategy=res.placement_strategy,
+                                          name=f"{self.name}-stages")
+            try:
+                ray.get(pg.ready(), timeout=120)
+            except ray.exceptions.GetTimeoutError:
+                ray.util.remove_placement_group(pg)
+                raise ConfigError(
+                    f"Ray could not place {world} stage replicas with {bundle} each "
+                    f"({res.placement_strategy}) within 120 s; the cluster has {have}") from None
+        remote_cls = ray.remote(StageActor)
+        module_refs = [ray.put(m) for m in per_stage]
+        actors = []
+        for s, row in enumerate(self._plan.specs):
+            actor_row = []
+            for spec in row:
+                opts: dict[str, Any] = dict(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                            name=f"{self.name}:stage{s}:replica{spec.replica}",
+                                            max_restarts=0)
+                if pg is not None:
+                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                        placement_group=pg, placement_group_bundle_index=spec.rank)
+                actor_row.append(remote_cls.options(**opts).remote(
+                    spec, module_refs[s], loss_fn if s == self.config.num_stages - 1 else None,
+                    optimizer_factory, states[s]))
+            actors.append(actor_row)
+        self._pool = _RayPool(actors, pg)
+        self._all("setup", self._plan.topology, CommSetup(self.backend, self.name))
+        self._all("sync_weights")
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        assert self._pool is not None
+        calls = [(s, r, self._pool.call(s, r, method, *args))
+                 for s, row in enumerate(self._plan.specs) for r in range(len(row))]
+        return self._gather(calls)
+
+    def _gather(self, calls):
+        assert self._pool is not None
+        try:
+            return self._pool.gather(calls)
+        except PipelineFailure as e:
+            self._failed = str(e)
+            raise
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def num_stages(self) -> int:
+        return self.config.num_stages
+
+    @property
+    def num_replicas(self) -> int:
+        return self.config.num_replicas
+
+    @property
+    def step(self) -> int:
+        """Number of weight updates made so far (the next step's index)."""
+        return self._next_step
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise PipelineFailure(f"this trainer stopped after a failure and cannot continue: "
+                                  f"{self._failed}")
+        if self._pool is None:
+            raise PipelineFailure("this trainer was shut down")
+
+    def _split(self, item: Any, t: int, position: int) -> StepData:
+        m, w = self.num_microbatches, self.num_replicas
+        if not isinstance(item, (list, tuple)) or len(item) != m * w:
+            got = f"{len(item)} items" if isinstance(item, (list, tuple)) else type(item).__name__
+            raise ConfigError(f"step {t} (item {position} of the steps passed to train): expected "
+                              f"a list of num_microbatches x replicas = {m} x {w} = {m * w} "
+                              f"(inputs, targets) microbatches, got {got}")
+        inputs: list[list[Any]] = [[] for _ in range(w)]
+        targets: list[list[Any]] = [[] for _ in range(w)]
+        for j, mb in enumerate(item):
+            if not isinstance(mb, (list, tuple)) or len(mb) != 2:
+                raise ConfigError(f"step {t}, microbatch {j}: expected an (inputs, targets) pair, "
+                                  f"got {type(mb).__name__}")
+            inputs[j % w].append(mb[0])
+            targets[j % w].append(mb[1])
+        return StepData(inputs, targets)
+
+    def train(self, steps: Iterable[Sequence[tuple[Any, Any]]],
+              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        """Run one weight update per item of ``steps`` and return each step's mean loss.
+
+        Each item holds ``num_microbatches * replicas`` (inputs, targets) microbatches; replica
+        ``r`` takes items ``r::replicas``. Under 2bw the pipeline is not drained between steps,
+        only at the end of the call, which changes nothing: training continues from the same
+        state in the next call. ``on_step(step, loss)`` is called as each step's loss is known.
+        """
+        self._check_alive()
+        assert self._pool is not None
+        d, w, m = self.num_stages, self.num_replicas, self.num_microbatches
+        first = self._next_step
+        it = iter(steps)
+        cur = next(it, _END)
+        outstanding: list[tuple[int, list]] = []    # (step, calls) not yet gathered
+        losses: dict[int, list[float]] = {}
+        reported: dict[int, float] = {}
+        events: dict[tuple[int, int], list] = {(s, r): [] for s in range(d) for r in range(w)}
+
+        def absorb(step_calls) -> None:
+            results: list[ChunkResult] = self._gather(step_calls)
+            for (s, r, _), res in zip(step_calls, results):
+                events[(s, r)].extend(res.events)
+                for st, _, loss in res.losses:
+                    losses.setdefault(st, []).append(loss)
+            for st in sorted(losses):
+                if st not in reported and len(losses[st]) == m * w:
+                    reported[st] = sum(losses[st]) / (m * w)
+                    if on_step is not None:
+                        on_step(st, reported[st])
+
+        if cur is _END:
+            return []
+        first_data = self._split(cur, first, 0)    # bad first step: nothing has started
+        try:
+            t, pending_error = self._stream(it, first_data, first, outstanding, absorb)
+        except BaseException:
+            for _, calls in outstanding:
+                self._pool.discard(calls)
+            raise
+        self._all("finish")
+        self._next_step = t
+        self._events = events
+        if pending_error is not None:
+            # the steps before the bad one were trained and the pipeline drained cleanly
+            raise pending_error
+        missing = [st for st in range(first, t) if st not in reported]
+        if missing:
+            raise PipelineFailure(f"no loss reported for steps {missing}")
+        return [reported[st] for st in range(first, t)]
+
+    def _stream(self, it, data: StepData, first: int, outstanding, absorb
+                ) -> tuple[int, BaseException | None]:
+        """Submit one chunk per stage replica for each step, a few steps ahead of the slowest
+        replica. The next step is fetched and checked before the current chunk is submitted, so
+        a bad or failing next step ends the call with a clean drain (returned as the error to
+        raise afterwards). Returns the index after the last trained step."""
+        assert self._pool is not None
+        d, w, m = self.num_stages, self.num_replicas, self.num_microbatches
+        t, pending_error = first, None
+        while True:
+            try:
+                nxt = next(it, _END)
+                next_data = None if nxt is _END else self._split(nxt, t + 1, t + 1 - first)
+            except Exception as e:   # noqa: BLE001 - re-raised once the pipeline is drained
+                nxt, next_data, pending_error = _END, None, e
+            is_last = nxt is _END
+            calls = []
+            for s in range(d):
+                for r in range(w):
+                    acts = step_actions(self.schedule, s, d, m, t, first, is_last)
+                    inputs = ({(t, i): data.inputs[r][i] for i in range(m)} if s == 0 else None)
+                    targets = ({(t, i): data.targets[r][i] for i in range(m)}
+                               if s == d - 1 else None)
+                    calls.append((s, r, self._pool.call(s, r, "run", acts, inputs, targets)))
+            outstanding.append((t, calls))
+            while len(outstanding) > LOOKAHEAD_STEPS:
+                absorb(outstanding[0][1])
+                outstanding.pop(0)
+            t += 1
+            if is_last:
+                break
+            data = next_data
+        while outstanding:
+            absorb(outstanding[0][1])
+            outstanding.pop(0)
+        return t, pending_error
+
+    # ------------------------------------------------------------------ inspection
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of the newest version, merged over stages (replica 0), keys
+        "<module index>.<name>"."""
+        self._check_alive()
+        assert self._pool is not None
+        calls = [(s, 0, self._pool.call(s, 0, "state_dict")) for s in range(self.num_stages)]
+        merged: dict[str, torch.Tensor] = {}
+        for part in self._gather(calls):
+            merged.update(part)
+        return dict(sorted(merged.items(), key=lambda kv: _key_order(kv[0])))
+
+    def replica_state_dicts(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """Every stage replica's newest weights (to check replicas and tied copies agree)."""
+        self._check_alive()
+        assert self._pool is not None
+        calls = [(s, r, self._pool.call(s, r, "state_dict"))
+                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+        return {(s, r): sd for (s, r, _), sd in zip(calls, self._gather(calls))}
+
+    def versions(self) -> dict[tuple[int, int], list[int]]:
+        """Weight versions each stage replica holds (at most two)."""
+        self._check_alive()
+        assert self._pool is not None
+        calls = [(s, r, self._pool.call(s, r, "versions"))
+                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+        return {(s, r): v for (s, r, _), v in zip(calls, self._gather(calls))}
+
+    def placement(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Where each stage replica runs (host, pid, Ray node id, device)."""
+        self._check_alive()
+        assert self._pool is not None
+        calls = [(s, r, self._pool.call(s, r, "where"))
+                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+        return {(s, r): v for (s, r, _), v in zip(calls, self._gather(calls))}
+
+    def action_log(self) -> dict[tuple[int, int], list[tuple[str, str, float, float]]]:
+        """The last train() call's executed actions per (stage, replica):
+        ``(category, action, t_start, t_end)`` with wall-clock times."""
+        return {k: list(v) for k, v in self._events.items()}
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group, from the next update on."""
+        self._all("set_lr", lr)
+
+    def shutdown(self) -> None:
+        """Stop the stage actors (and the local Ray started by this trainer, if any)."""
+        if self._pool is not None:
+            if isinstance(self._pool, _ThreadPool):
+                for row in self._pool.actors:
+                    for a in row:
+                        with contextlib.suppress(Exception):
+                            a.close()
+                self._pool.kill()
+            elif isinstance(self._pool, _RayPool):
+                if self._failed is None:
+                    self._pool.close()
+                else:
+                    self._pool.kill()
+            self._pool = None
+        if self._ray_started:
+            import ray
+            ray.shutdown()
+            self._ray_started = False
+
+    def __enter__(self) -> "PipelineTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    k, _, rest = key.partition(".")
+    return (int(k), rest) if k.isdigit() else (math.inf, key)  # type: ignore[return-value]
+
+
+def _shapes_and_names(modules) -> tuple[list[dict[str, tuple[int, ...]]], set[str]]:
+    """Parameter shapes per module and all state names, without building factories for real
+    (a factory is called on the meta device)."""
+    shapes, names = [], set()
+    for k, mod in enumerate(modules):
+        if not isinstance(mod, nn.Module):
+            if not callable(mod):
+                raise ConfigError(f"modules[{k}] is a {type(mod).__name__}, not a torch.nn.Module "
+                                  "or a factory returning one")
+            with torch.device("meta"):
+                mod = mod()
+            if not isinstance(mod, nn.Module):
+                raise ConfigError(f"modules[{k}]: the factory returned a {type(mod).__name__}, "
+                                  "not a torch.nn.Module")
+        shapes.append({n: tuple(p.shape) for n, p in mod.named_parameters(remove_duplicate=False)})
+        names |= {f"{k}.{n}" for n in mod.state_dict(keep_vars=True)}
+    return shapes, names
+
+
+def _check_state_keys(state: Mapping[str, torch.Tensor], names: set[str]) -> None:
+    unknown = sorted(set(state) - names)
+    missing = sorted(n for n in names - set(state))
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ConfigError("initial_state_dict does not match the modules: " + "; ".join(parts)
+                          + " (keys are '<module index>.<name>', as trainer.state_dict())")

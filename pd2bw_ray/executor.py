@@ -1,0 +1,240 @@
+"""Executes a stage's action lists: the schedule's actions against a Stage and a Transport.
+
+The executor knows nothing about which schedule produced the actions. Per action:
+``RECV_*`` take a message registered earlier (activations: when the chunk starts; gradients: when
+the matching activation was sent), ``F``/``B`` call the Stage, ``SEND_*`` hand tensors to the
+transport (asynchronous), ``REDUCE`` starts the step's gradient reduction on a background thread
+and ``UPDATE`` waits for it and applies the optimizer. Every action is logged with its start and
+end time, which is what the timeline and the per-stage compute/communication/idle fractions use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .collectives import CommError, Transport, message_tag
+from .schedule import Action, Kind
+from .stage import Stage, StageError, clip_coefficient
+
+# How the time of each action kind counts: computing, communicating, or waiting for a peer.
+CATEGORY = {
+    Kind.FORWARD: "compute", Kind.BACKWARD: "compute", Kind.UPDATE: "compute",
+    Kind.SEND_ACT: "comm", Kind.SEND_GRAD: "comm", Kind.REDUCE: "comm",
+    Kind.RECV_ACT: "wait", Kind.RECV_GRAD: "wait",
+}
+
+
+@dataclass(frozen=True)
+class TieSpec:
+    """One cross-stage tied parameter as held by this stage: ``name`` (canonical on this stage)
+    is summed over ``group``; its gradient counts once in the global norm (``counts_in_norm``
+    on the first holder only)."""
+
+    group: str
+    name: str
+    counts_in_norm: bool
+
+
+@dataclass(frozen=True)
+class ReduceSpec:
+    """How a stage reduces a step's gradients."""
+
+    stage: int
+    replica: int
+    num_stages: int
+    num_replicas: int
+    max_grad_norm: float | None = None
+    ties: tuple[TieSpec, ...] = ()
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk did: losses computed (last stage), global gradient norms of the steps it
+    updated, and the timed event log ``(category, action, t_start, t_end)``."""
+
+    losses: list[tuple[int, int, float]] = field(default_factory=list)
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    events: list[tuple[str, str, float, float]] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+class PipelineFailure(RuntimeError):
+    """Training stopped: the message names the stage, replica, step and cause."""
+
+
+class StageExecutor:
+    def __init__(self, stage: Stage, transport: Transport, reduce: ReduceSpec,
+                 num_microbatches: int, timeout_s: float):
+        self.stage = stage
+        self.transport = transport
+        self.spec = reduce
+        self.m = num_microbatches
+        self.timeout_s = timeout_s
+        self.where = f"stage {reduce.stage} replica {reduce.replica}"
+        self._reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd2bw-reduce")
+        self._reductions: dict[int, Future] = {}
+        self._outputs: dict[tuple[int, int], tuple] = {}
+        self._received: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._input_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ running a chunk
+
+    def run(self, actions: Sequence[Action], inputs: Mapping[tuple[int, int], Any] | None = None,
+            targets: Mapping[tuple[int, int], Any] | None = None) -> ChunkResult:
+        inputs = inputs or {}
+        targets = targets or {}
+        result = ChunkResult()
+        for a in actions:   # register every activation this chunk will receive, in order
+            if a.kind is Kind.RECV_ACT:
+                self.transport.expect(a.peer, "act", self._tag(a), None)
+        for a in actions:
+            t0 = time.time()
+            try:
+                self._execute(a, inputs, targets, result)
+            except (CommError, StageError, PipelineFailure) as e:
+                raise PipelineFailure(str(e) if str(e).startswith(self.where)
+                                      else f"{self.where}: {a}: {e}") from e
+            except Exception as e:
+                raise PipelineFailure(f"{self.where}: {a} (step {a.step}) failed: "
+                                      f"{type(e).__name__}: {e}") from e
+            result.events.append((CATEGORY[a.kind], str(a), t0, time.time()))
+        result.versions = self.stage.versions()
+        return result
+
+    def _tag(self, a: Action) -> int:
+        return message_tag(a.step, a.microbatch, self.m)
+
+    def _execute(self, a: Action, inputs, targets, result: ChunkResult) -> None:
+        key = (a.step, a.microbatch)
+        k = a.kind
+        if k is Kind.RECV_ACT:
+            self._received[key] = self.transport.take(
+                a.peer, "act", self._tag(a), f"activation of step {a.step} microbatch "
+                f"{a.microbatch}")
+        elif k is Kind.FORWARD:
+            if self.stage.stage == 0:
+                if key not in inputs:
+                    raise StageError(f"no input data for step {a.step} microbatch {a.microbatch}")
+                x = inputs[key]
+                x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+            else:
+                x = tuple(self._received.pop(key))
+            if self.stage.is_last:
+                if key not in targets:
+                    raise StageError(f"no targets for step {a.step} microbatch {a.microbatch}")
+                loss = self.stage.forward(a.step, a.microbatch, a.version, x,
+                                          _to_device(targets[key], self.stage.device))
+                if not math.isfinite(loss):
+                    raise StageError(
+                        f"the loss is {loss} at step {a.step} microbatch {a.microbatch}; training "
+                        f"stopped (the newest weights are version {self.stage.newest_version}, "
+                        "from before this step)")
+                result.losses.append((a.step, a.microbatch, loss))
+            else:
+                self._outputs[key] = self.stage.forward(a.step, a.microbatch, a.version, x)
+        elif k is Kind.SEND_ACT:
+            out = self._outputs.pop(key)
+            self.transport.send(a.peer, "act", self._tag(a), out)
+            self.transport.expect(a.peer, "grad", self._tag(a), Stage.grad_layout(out))
+        elif k is Kind.RECV_GRAD:
+            self._received[key] = self.transport.take(
+                a.peer, "grad", self._tag(a), f"gradient of step {a.step} microbatch "
+                f"{a.microbatch}")
+        elif k is Kind.BACKWARD:
+            grads = None if self.stage.is_last else self._received.pop(key)
+            gin = self.stage.backward(a.step, a.microbatch, grads)
+            if self.stage.stage > 0:
+                self._input_grads[key] = gin
+        elif k is Kind.SEND_GRAD:
+            self.transport.send(a.peer, "grad", self._tag(a), self._input_grads.pop(key))
+        elif k is Kind.REDUCE:
+            grads = self.stage.take_grads(a.step)
+            self._reductions[a.step] = self._reducer.submit(self._reduce, a.step, grads)
+        elif k is Kind.UPDATE:
+            fut = self._reductions.pop(a.step, None)
+            if fut is None:
+                raise StageError(f"update of step {a.step} before its reduction")
+            try:
+                grads, coef, norm = fut.result(timeout=4 * self.timeout_s + 10)
+            except FutureTimeout:
+                raise CommError(f"gradient reduction of step {a.step} did not finish within "
+                                f"{4 * self.timeout_s:.0f} s") from None
+            self.stage.apply_update(a.step, grads, coef)
+            result.grad_norms[a.step] = norm
+        else:  # pragma: no cover
+            raise StageError(f"unknown action {a}")
+
+    # ------------------------------------------------------------------ gradient reduction
+
+    def _reduce(self, step: int, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], float,
+                                                                     float]:
+        """Sum over replicas (and over the holders of tied weights), then the global norm and
+        the clipping factor. Runs on the reducer thread, one step after another, so every rank
+        issues its collectives in the same order."""
+        spec = self.spec
+        names = self.stage.param_names
+        tied = {t.name: t for t in spec.ties}
+        if spec.num_replicas > 1:
+            idx = [i for i, n in enumerate(names) if n not in tied]
+            for dtype in sorted({grads[i].dtype for i in idx}, key=str):
+                part = [i for i in idx if grads[i].dtype == dtype]
+                flat = torch.cat([grads[i].reshape(-1) for i in part])
+                self.transport.allreduce(f"replicas:{spec.stage}", flat)
+                off = 0
+                for i in part:
+                    n = grads[i].numel()
+                    grads[i] = flat[off:off + n].view_as(grads[i])
+                    off += n
+        for t in sorted(spec.ties, key=lambda t: t.group):
+            self.transport.allreduce(t.group, grads[names.index(t.name)])
+        sq = torch.zeros((), dtype=torch.float64)
+        bad = []
+        for n, g in zip(names, grads):
+            if n in tied and not tied[n].counts_in_norm:
+                continue
+            s = g.detach().double().pow(2).sum().cpu()
+            if not torch.isfinite(s):
+                bad.append(n)
+            sq += s
+        if spec.max_grad_norm is not None and spec.num_stages > 1:
+            total = sq.reshape(1).to(grads[0].device if grads else "cpu")
+            self.transport.allreduce(f"pipeline:{spec.replica}", total)
+            sq = total.cpu().reshape(())
+        norm = math.sqrt(float(sq)) if math.isfinite(float(sq)) else float("nan")
+        if bad or not math.isfinite(norm):
+            which = (f"parameters {bad[:5]}" if bad else "another stage's parameters")
+            raise StageError(f"non-finite gradient at step {step} ({which}); training stopped "
+                             f"before applying it, the newest weights are still version "
+                             f"{self.stage.newest_version}")
+        return grads, clip_coefficient(norm, spec.max_grad_norm), norm
+
+    # ------------------------------------------------------------------ end of a call
+
+    def finish(self) -> None:
+        """After a call's last chunk: every send delivered, nothing left half-done."""
+        self.transport.wait_sends()
+        if self._reductions or self._outputs or self._received or self._input_grads:
+            raise PipelineFailure(f"{self.where}: the call ended with work left over "
+                                  f"(reductions {sorted(self._reductions)}, in flight "
+                                  f"{self.stage.in_flight()})")
+
+    def close(self) -> None:
+        self._reducer.shutdown(wait=False, cancel_futures=True)
+        self.transport.close()
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x

@@ -1,0 +1,374 @@
+"""The math of one stage replica: weight versions, activation stash, gradients, optimizer step.
+
+A plain class, no Ray and no communication: the executor feeds it received activations and
+gradients and sends what it returns. Tested in-process against single-process references.
+
+Weight versions live in two *slots* of leaf tensors. A forward runs the stage's modules with
+``torch.func.functional_call`` on the slot holding the microbatch's version, and the autograd graph
+keeps references to exactly those tensors, so a microbatch's backward uses the version of its
+forward (weight stashing) without copying weights. An update writes the new version into the slot
+not holding the newest one; the schedule guarantees no microbatch in flight still uses it.
+
+Gradients are accumulated per step, not per slot: under 2bw steps 0 and 1 both run on ``W(0)``
+(``W(-1) = W(0)``) and their backwards interleave, so each backward accumulates into its own step's
+buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+
+
+class StageError(RuntimeError):
+    """Something went wrong inside a stage; the message names the stage and what to do."""
+
+
+def as_tuple(x: Any) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def is_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+@dataclass
+class _Stashed:
+    """What a microbatch in flight keeps between its forward and its backward."""
+
+    step: int
+    version: int
+    inputs: list[torch.Tensor]            # floating inputs that need a gradient (stage > 0)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # floating outputs with grad
+    loss: torch.Tensor | None = None       # last stage: the scaled loss
+
+
+class Stage:
+    """One stage replica's modules, weights (at most two versions) and optimizer.
+
+    ``modules`` maps global module index -> module; parameters are named ``"<index>.<name>"``.
+    ``local_ties`` lists groups of such names on this stage that are one logical parameter
+    (they share one tensor). ``grad_scale`` multiplies each microbatch loss (``1/(m*w)``) so that
+    summing gradients over microbatches and replicas gives the mean.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage: int,
+        num_stages: int,
+        modules: Mapping[int, nn.Module],
+        optimizer_factory: OptimizerFactory,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        local_ties: Sequence[Sequence[str]] = (),
+        grad_scale: float = 1.0,
+        device: str | torch.device = "cpu",
+        recompute: bool = False,
+        autocast_bf16: bool = False,
+        initial_state: Mapping[str, torch.Tensor] | None = None,
+        first_version: int = 0,
+    ) -> None:
+        self.stage = stage
+        self.num_stages = num_stages
+        self.is_last = stage == num_stages - 1
+        if self.is_last and loss_fn is None:
+            raise StageError(f"stage {stage} is the last stage and needs a loss_fn")
+        self.device = torch.device(device)
+        self.module_ids = sorted(modules)
+        self.modules = {k: modules[k].to(self.device) for k in self.module_ids}
+        for mod in self.modules.values():
+            mod.train()
+        self.loss_fn = loss_fn
+        self.grad_scale = grad_scale
+        self.recompute = recompute
+        self.autocast_bf16 = autocast_bf16
+
+        # Canonical name of every parameter; tied names on this stage share one canonical name.
+        alias: dict[str, str] = {}
+        for group in local_ties:
+            group = [n for n in group]
+            for n in group[1:]:
+                alias[n] = group[0]
+        self.alias = alias
+        self.param_names: list[str] = []       # canonical names, in a fixed order
+        self._module_param_names: dict[int, list[tuple[str, str]]] = {}  # k -> [(local, canon)]
+        seen: set[str] = set()
+        for k in self.module_ids:
+            pairs = []
+            for local, _ in self.modules[k].named_parameters(remove_duplicate=False):
+                full = f"{k}.{local}"
+                canon = alias.get(full, full)
+                pairs.append((local, canon))
+                if canon not in seen:
+                    seen.add(canon)
+                    self.param_names.append(canon)
+            self._module_param_names[k] = pairs
+        known = {f"{k}.{local}" for k in self.module_ids for local, _ in
+                 self.modules[k].named_parameters(remove_duplicate=False)}
+        for group in local_ties:
+            for n in group:
+                if n not in known:
+                    raise StageError(f"stage {stage}: tied parameter {n!r} is not a parameter of "
+                                     f"modules {self.module_ids}")
+        params = self._module_params()
+        if initial_state is not None:
+            self._load_into(params, initial_state)
+        for group in local_ties:
+            ref = params[group[0]]
+            for n in group[1:]:
+                if params[n].shape != ref.shape:
+                    raise StageError(f"stage {stage}: tied parameters {group[0]!r} "
+                                     f"{tuple(ref.shape)} and {n!r} {tuple(params[n].shape)} "
+                                     "differ in shape")
+
+        # Slot 0 shares storage with the modules' own parameters (no copy).
+        slot0 = {n: params[n].detach().requires_grad_(True) for n in self.param_names}
+        self._slots: list[dict[str, torch.Tensor] | None] = [slot0, None]
+        self._slot_version: list[int | None] = [first_version, None]
+        self._newest = 0
+        # Optimizer parameters alias the storage of the slot holding the newest version, so the
+        # optimizer state (keyed by these objects) follows the weights from slot to slot.
+        # They get their own autograd version counter (``.data`` aliasing, not ``detach()``,
+        # which would share slot 0's): an optimizer step on one slot must not invalidate the
+        # graphs of microbatches in flight on the other.
+        self._opt_params = {}
+        for n in self.param_names:
+            p = nn.Parameter(torch.empty(0, dtype=slot0[n].dtype, device=slot0[n].device))
+            p.data = slot0[n].data
+            self._opt_params[n] = p
+        # A stage without parameters (e.g. an activation function alone) has no optimizer; its
+        # updates only advance the version.
+        self.optimizer = (optimizer_factory([(n, self._opt_params[n]) for n in self.param_names])
+                          if self.param_names else None)
+        self._stash: dict[tuple[int, int], _Stashed] = {}
+        self._grads: dict[int, dict[str, torch.Tensor | None]] = {}
+
+    # ---------------------------------------------------------------- parameters and versions
+
+    def _module_params(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for k in self.module_ids:
+            for local, p in self.modules[k].named_parameters(remove_duplicate=False):
+                out[f"{k}.{local}"] = p
+        return out
+
+    def _load_into(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]):
+        buffers = {f"{k}.{local}": b for k in self.module_ids
+                   for local, b in self.modules[k].state_dict(keep_vars=True).items()
+                   if f"{k}.{local}" not in params}
+        for name, target in list(params.items()) + list(buffers.items()):
+            if name not in state:
+                continue
+            src = state[name]
+            if tuple(src.shape) != tuple(target.shape):
+                raise StageError(f"stage {self.stage}: initial state {name!r} has shape "
+                                 f"{tuple(src.shape)}, the module expects {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(src.to(target.dtype))
+
+    def versions(self) -> list[int]:
+        """Weight versions held now (at most two)."""
+        return sorted(v for v in self._slot_version if v is not None)
+
+    @property
+    def newest_version(self) -> int:
+        v = self._slot_version[self._newest]
+        assert v is not None
+        return v
+
+    def _slot_of(self, version: int) -> dict[str, torch.Tensor]:
+        for i, v in enumerate(self._slot_version):
+            if v == version:
+                slot = self._slots[i]
+                assert slot is not None
+                return slot
+        raise StageError(f"stage {self.stage}: weight version {version} is not held (holds "
+                         f"{self.versions()}); the schedule and the stage disagree")
+
+    def _call_params(self, slot: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        return {local: slot[canon] for local, canon in self._module_param_names[k]}
+
+    def named_weights(self, version: int | None = None) -> dict[str, torch.Tensor]:
+        """Parameters (all names, tied aliases included) and buffers of a version (newest)."""
+        slot = self._slot_of(self.newest_version if version is None else version)
+        out: dict[str, torch.Tensor] = {}
+        for k in self.module_ids:
+            params = dict(self._module_param_names[k])
+            for local, t in self.modules[k].state_dict(keep_vars=True).items():
+                out[f"{k}.{local}"] = (slot[params[local]] if local in params else t).detach()
+        return out
+
+    # ---------------------------------------------------------------- forward and backward
+
+    def _run_chain(self, slot: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> tuple:
+        x: Any = inputs
+        for k in self.module_ids:
+            x = functional_call(self.modules[k], self._call_params(slot, k), as_tuple(x))
+        return as_tuple(x)
+
+    def _autocast(self):
+        if not self.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def forward(self, step: int, microbatch: int, version: int, inputs: Sequence[Any],
+                targets: Any = None) -> tuple | float:
+        """Run the stage's modules on ``version``. Returns the outputs to send downstream, or on
+        the last stage the (unscaled) loss value. The graph is stashed until ``backward``."""
+        key = (step, microbatch)
+        if key in self._stash:
+            raise StageError(f"stage {self.stage}: forward of step {step} microbatch "
+                             f"{microbatch} while it is already in flight")
+        slot = self._slot_of(version)
+        inputs = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs]
+        grad_inputs: list[torch.Tensor] = []
+        if self.stage > 0:
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and is_float(x):
+                    x.requires_grad_(True)
+                    grad_inputs.append(x)
+        with self._autocast():
+            if self.recompute:
+                out = checkpoint(self._run_chain, slot, *inputs, use_reentrant=False)
+            else:
+                out = self._run_chain(slot, *inputs)
+            entry = _Stashed(step, version, grad_inputs)
+            if self.is_last:
+                last = out[0] if len(out) == 1 else out
+                loss = self.loss_fn(last, targets)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise StageError(f"stage {self.stage}: loss_fn must return a scalar tensor, "
+                                     f"got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+                entry.loss = loss.reshape(()) * self.grad_scale
+                self._stash[key] = entry
+                return float(loss.detach())
+        for o in out:
+            if not isinstance(o, torch.Tensor):
+                raise StageError(f"stage {self.stage}: module {self.module_ids[-1]} returned a "
+                                 f"{type(o).__name__}; stage outputs must be tensors or tuples "
+                                 "of tensors")
+        entry.outputs = [o for o in out if is_float(o) and o.requires_grad]
+        self._stash[key] = entry
+        return tuple(o.detach() for o in out)
+
+    @staticmethod
+    def grad_layout(outputs: Sequence[torch.Tensor]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        """Dtype and shape of the gradient message for these outputs: one per floating output."""
+        return [(o.dtype, tuple(o.shape)) for o in outputs if is_float(o)]
+
+    def backward(self, step: int, microbatch: int,
+                 output_grads: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Backpropagate a stashed microbatch; gradients of the weights accumulate into the
+        step's buffers. ``output_grads`` has one tensor per floating output sent downstream.
+        Returns the gradient of each floating input (zeros where an input was unused)."""
+        key = (step, microbatch)
+        entry = self._stash.pop(key, None)
+        if entry is None:
+            raise StageError(f"stage {self.stage}: backward of step {step} microbatch "
+                             f"{microbatch} without its forward")
+        slot = self._slot_of(entry.version)
+        buf = self._grads.setdefault(step, {})
+        for n in self.param_names:
+            slot[n].grad = buf.get(n)
+        try:
+            if self.is_last:
+                assert entry.loss is not None
+                torch.autograd.backward(entry.loss)
+            else:
+                if output_grads is None:
+                    raise StageError(f"stage {self.stage}: backward needs output gradients")
+                # output_grads has one entry per floating output; keep those that need grad.
+                outs, grads = [], []
+                float_outs = entry.outputs
+                if len(output_grads) < len(float_outs):
+                    raise StageError(f"stage {self.stage}: got {len(output_grads)} output "
+                                     f"gradients for {len(float_outs)} outputs")
+                for o, g in zip(float_outs, output_grads):
+                    outs.append(o)
+                    grads.append(g.to(o.device, o.dtype))
+                if outs:
+                    torch.autograd.backward(outs, grads)
+        finally:
+            for n in self.param_names:
+                buf[n] = slot[n].grad
+                slot[n].grad = None
+        result = []
+        for x in entry.inputs:
+            result.append(x.grad if x.grad is not None else torch.zeros_like(x))
+            x.grad = None
+        return result
+
+    def in_flight(self) -> list[tuple[int, int]]:
+        return sorted(self._stash)
+
+    # ---------------------------------------------------------------- update
+
+    def take_grads(self, step: int) -> list[torch.Tensor]:
+        """The step's accumulated gradients, one per canonical parameter (zeros if unused)."""
+        if any(e.step == step for e in self._stash.values()):
+            raise StageError(f"stage {self.stage}: gradients of step {step} taken while some of "
+                             "its microbatches are still in flight")
+        buf = self._grads.pop(step, {})
+        slot = self._slots[self._newest]
+        assert slot is not None
+        return [buf.get(n) if buf.get(n) is not None else torch.zeros_like(slot[n])
+                for n in self.param_names]
+
+    def apply_update(self, step: int, grads: Sequence[torch.Tensor], clip_coef: float = 1.0) -> int:
+        """Create version ``step + 1`` from the newest version and ``grads`` (already averaged
+        over microbatches and replicas, tied copies summed), scaled by ``clip_coef``.
+
+        The new version goes into the slot not holding the newest version; its previous
+        contents must not be used by any microbatch in flight."""
+        new_version = step + 1
+        if new_version != self.newest_version + 1:
+            raise StageError(f"stage {self.stage}: update of step {step} would create version "
+                             f"{new_version}, but the newest is {self.newest_version}")
+        target = 1 - self._newest
+        old = self._slot_version[target]
+        if old is not None and any(e.version == old for e in self._stash.values()):
+            raise StageError(f"stage {self.stage}: cannot overwrite version {old}: microbatches "
+                             f"{[k for k, e in self._stash.items() if e.version == old]} still "
+                             "use it (a third version would be needed)")
+        src = self._slots[self._newest]
+        assert src is not None
+        if self._slots[target] is None:
+            self._slots[target] = {n: torch.empty_like(src[n]).requires_grad_(True)
+                                   for n in self.param_names}
+        dst = self._slots[target]
+        with torch.no_grad():
+            for n in self.param_names:
+                dst[n].copy_(src[n])
+        for n, g in zip(self.param_names, grads):
+            p = self._opt_params[n]
+            p.data = dst[n].data
+            p.grad = g if clip_coef == 1.0 else g * clip_coef
+        if self.optimizer is not None:
+            self.optimizer.step()
+        for p in self._opt_params.values():
+            p.grad = None
+        self._slot_version[target] = new_version
+        self._newest = target
+        return new_version
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = lr
+
+
+def clip_coefficient(total_norm: float, max_norm: float | None) -> float:
+    """``torch.nn.utils.clip_grad_norm_``'s factor: ``min(1, max_norm / (norm + 1e-6))``."""
+    if max_norm is None:
+        return 1.0
+    if not math.isfinite(total_norm):
+        return float("nan")
+    return min(1.0, max_norm / (total_norm + 1e-6))
