@@ -91,3 +91,40 @@ def test_schedules_differ_from_each_other():
 @pytest.mark.parametrize("schedule,w,opt,clip,tie", CASES)
 def test_in_process_pipeline_matches_reference(schedule, w, opt, clip, tie):
     run_case(schedule, w, opt, clip, tie, local=True)
+
+
+def test_recomputation_changes_nothing():
+    from pd2bw_ray import StageOptions
+
+    ref = run_case("2bw", 1, "adam", 0.05, True, local=True)
+    steps = make_steps(1)
+    trainer = PipelineTrainer(mlp(), nn.MSELoss(), conf(1), OPTIMIZERS["adam"], schedule="2bw",
+                              num_microbatches=M, tied_parameters=TIE, max_grad_norm=0.05,
+                              stage_options=StageOptions(recompute=(0, 1, 2)), local=True)
+    try:
+        trainer.train(steps)
+        assert_matches(trainer.state_dict(), ref, tol=1e-12)
+    finally:
+        trainer.shutdown()
+
+
+def test_bf16_autocast_keeps_fp32_master_weights():
+    from pd2bw_ray import StageOptions
+
+    torch.manual_seed(0)
+    mods = [nn.Linear(H, 16), nn.Tanh(), nn.Linear(16, H)]
+    steps = [[(torch.randn(4, H), torch.randn(4, H)) for _ in range(2)] for _ in range(3)]
+    results = {}
+    for bf16 in (False, True):
+        trainer = PipelineTrainer([m for m in mods], nn.MSELoss(),
+                                  PipelineConfig([0, 0, 1], {"0": [0], "1": [1]}),
+                                  OPTIMIZERS["sgd"], schedule="flush", num_microbatches=2,
+                                  stage_options=StageOptions(autocast_bf16=bf16), local=True)
+        try:
+            results[bf16] = (trainer.train(steps), trainer.state_dict())
+        finally:
+            trainer.shutdown()
+    (l32, s32), (l16, s16) = results[False], results[True]
+    assert all(v.dtype == torch.float32 for v in s16.values())
+    assert l16 != l32                                  # bf16 really ran
+    torch.testing.assert_close(torch.tensor(l16), torch.tensor(l32), rtol=3e-2, atol=3e-2)

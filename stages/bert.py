@@ -1,0 +1,263 @@
+"""BERT for pre-training (MLM + NSP) as a chain of pipeline stages built from transformers' modules.
+
+``transformers.BertForPreTraining`` is cut, unchanged, into one `BertStage` per pipeline stage:
+
+    stage 0     BertEmbeddings + BertLayer x n_0     (input_ids, token_type_ids, mask) -> (h, mask)
+    stage s     BertLayer x n_s                      (h, mask) -> (h, mask)
+    stage D-1   BertLayer x n_{D-1} + BertPooler + BertPreTrainingHeads
+                                                     (h, mask) -> (prediction_scores, nsp_scores)
+    loss        BertPretrainingLoss((prediction_scores, nsp_scores), (mlm_labels, nsp_labels))
+
+The 2-D padding mask (int64, 1 = token, 0 = padding) travels between stages with the hidden states;
+each stage turns it into the mask its attention implementation wants with transformers' own
+``create_bidirectional_mask``, exactly as ``BertModel`` does. Stages hold no state across calls,
+so the runtime may recompute them with ``torch.utils.checkpoint``.
+
+Two ties of ``BertForPreTraining`` cross or live inside the heads:
+
+* the MLM decoder weight is the word embedding. Stages never alias parameters across modules, so
+  the last stage owns a copy (``cls.predictions.decoder.weight``) that starts equal to stage 0's
+  ``embeddings.word_embeddings.weight``; the pair is listed in ``tied_parameters`` and the runtime
+  keeps the copies equal (their gradients are summed).
+* transformers 5 ties ``cls.predictions.decoder.bias`` to ``cls.predictions.bias`` by name in
+  ``BertForPreTraining``. The head's forward only uses the decoder's bias, so a stage keeps that one
+  and drops the alias: every parameter of a stage is used and none is aliased.
+  `stages.hf_interop` maps it back to HF's ``cls.predictions.bias``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForPreTraining
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import (BertEmbeddings, BertLayer, BertPooler,
+                                                    BertPreTrainingHeads)
+
+from pd2bw_ray.config import ConfigError, PipelineConfig
+from stages.bert_config import BertModelConfig
+from stages.partition import BertPartition, PartitionError
+
+WORD_EMBEDDING = "embeddings.word_embeddings.weight"
+MLM_DECODER_WEIGHT = "cls.predictions.decoder.weight"
+
+
+class BertStage(nn.Module):
+    """A contiguous slice of ``BertForPreTraining``: encoder layers (keyed by their global index,
+    so parameter names read ``layer.7.attention...``), with the embeddings on the first stage and
+    the pooler and pre-training heads on the last. See the module docstring for inputs/outputs."""
+
+    def __init__(self, config: BertConfig, layers: Mapping[int, BertLayer], *,
+                 embeddings: BertEmbeddings | None = None, pooler: BertPooler | None = None,
+                 heads: BertPreTrainingHeads | None = None) -> None:
+        super().__init__()
+        if (pooler is None) != (heads is None):
+            raise ValueError("the pooler and the pre-training heads go on the same (last) stage; "
+                             "pass both or neither")
+        self.config = config
+        self.embeddings = embeddings
+        self.layer = nn.ModuleDict({str(i): layers[i] for i in sorted(layers)})
+        self.pooler = pooler
+        self.cls = heads
+
+    @property
+    def is_first(self) -> bool:
+        return self.embeddings is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.cls is not None
+
+    def extra_repr(self) -> str:
+        layers = [int(i) for i in self.layer]
+        span = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
+        return f"{span}, embeddings={self.is_first}, heads={self.is_last}"
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_first:
+            if len(inputs) != 3:
+                raise TypeError(f"the first BERT stage takes (input_ids, token_type_ids, "
+                                f"attention_mask), got {len(inputs)} tensor(s)")
+            input_ids, token_type_ids, attention_mask = inputs
+            hidden_states = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        else:
+            if len(inputs) != 2:
+                raise TypeError(f"a BERT stage after the first takes (hidden_states, "
+                                f"attention_mask), got {len(inputs)} tensor(s)")
+            hidden_states, attention_mask = inputs
+        if len(self.layer):
+            # The same call BertModel makes: an additive float mask for eager attention, a boolean
+            # mask (or None when nothing is padded) for sdpa.
+            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
+                                             attention_mask=attention_mask)
+            for layer in self.layer.values():
+                hidden_states = layer(hidden_states, mask)
+        if not self.is_last:
+            return hidden_states, attention_mask
+        return self.cls(hidden_states, self.pooler(hidden_states))
+
+
+class BertPretrainingLoss(nn.Module):
+    """``BertForPreTraining``'s loss: masked-LM cross-entropy (labels of -100 ignored) plus
+    next-sentence cross-entropy, each a mean over the microbatch.
+
+    Called as ``loss_fn((prediction_scores, seq_relationship_score), (masked_lm_labels,
+    next_sentence_label))``. A microbatch whose labels are all -100 has an undefined (NaN) MLM
+    loss, as in transformers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=-100)
+
+    def forward(self, outputs: tuple[torch.Tensor, torch.Tensor],
+                targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        prediction_scores, seq_relationship_score = outputs
+        masked_lm_labels, next_sentence_label = targets
+        vocab_size = prediction_scores.size(-1)
+        masked_lm_loss = self.cross_entropy(prediction_scores.reshape(-1, vocab_size),
+                                            masked_lm_labels.reshape(-1))
+        next_sentence_loss = self.cross_entropy(seq_relationship_score.reshape(-1, 2),
+                                                next_sentence_label.reshape(-1))
+        return masked_lm_loss + next_sentence_loss
+
+
+@dataclass(frozen=True, eq=False)
+class BertPipelineModel:
+    """Everything ``PipelineTrainer`` needs for BERT pre-training, plus how it was cut.
+
+    ``modules[s]`` runs on stage ``s``; ``tied_parameters`` names the word-embedding / MLM-decoder
+    pair as ``"<module index>.<param name>"``; ``module_to_stage_map`` includes the trailing loss.
+    State dicts use keys ``"<module index>.<name>"`` (``module.state_dict()`` names).
+    """
+
+    modules: tuple[BertStage, ...]
+    loss_fn: BertPretrainingLoss
+    tied_parameters: tuple[tuple[str, ...], ...]
+    partition: BertPartition
+    hf_config: BertConfig
+
+    @property
+    def module_to_stage_map(self) -> tuple[int, ...]:
+        return self.partition.module_to_stage_map
+
+    @property
+    def layers_per_stage(self) -> tuple[int, ...]:
+        return self.partition.layers_per_stage
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{k}.{name}": t for k, module in enumerate(self.modules)
+                for name, t in module.state_dict().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load ``"<module index>.<name>"`` keys into the stages; every key must match exactly."""
+        per_module: list[dict[str, torch.Tensor]] = [{} for _ in self.modules]
+        unknown = []
+        for key, value in state_dict.items():
+            index, _, name = key.partition(".")
+            if not index.isdigit() or int(index) >= len(self.modules):
+                unknown.append(key)
+            else:
+                per_module[int(index)][name] = value
+        expected = self.state_dict().keys()
+        unknown += [key for key in state_dict if key not in expected and key not in unknown]
+        missing = [key for key in expected if key not in state_dict]
+        if unknown or missing:
+            raise KeyError(f"state dict does not fit this {self.partition.to_spec()} BERT: "
+                           f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                           f"unexpected {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        for module, sub in zip(self.modules, per_module):
+            module.load_state_dict(sub, strict=True)
+
+    def check_pipeline_config(self, config: PipelineConfig, *, module_flag: str = "--module"
+                              ) -> None:
+        """Raise `ConfigError` unless ``config`` (a conf.json) places one module per stage and the
+        loss on the last stage, as this partition needs."""
+        got = config.module_to_stage_map
+        if got not in (self.module_to_stage_map, self.module_to_stage_map[:-1]):
+            raise ConfigError(
+                f"{config.source}: module_to_stage_map {list(got)} does not fit "
+                f"{module_flag} {self.partition.to_spec()} ({self.partition.num_stages} stages, "
+                f"one module each, plus the loss); it should be {list(self.module_to_stage_map)}")
+
+
+def build_bert_pipeline(model_config: BertModelConfig, partition: BertPartition, *,
+                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+                        seed: int | None = None) -> BertPipelineModel:
+    """Build BERT for pre-training cut into ``partition``'s stages, initialised as transformers
+    initialises ``BertForPreTraining``.
+
+    ``device="meta"`` allocates nothing (to inspect shapes and parameter counts of a large model);
+    ``seed`` makes the initialisation reproducible without touching the global RNG.
+    """
+    if partition.num_layers != model_config.num_hidden_layers:
+        raise PartitionError(f"partition {partition.to_spec()} has {partition.num_layers} layers "
+                             f"but {model_config.source} has num_hidden_layers="
+                             f"{model_config.num_hidden_layers}")
+    hf_config = model_config.to_transformers(attn_implementation)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng, torch.device(device):
+        if seed is not None:
+            torch.manual_seed(seed)
+        hf_model = BertForPreTraining(hf_config)
+    return _split(hf_model, partition)
+
+
+def _split(hf_model: BertForPreTraining, partition: BertPartition) -> BertPipelineModel:
+    """Move ``hf_model``'s submodules into stages (``hf_model`` is spent afterwards)."""
+    config = hf_model.config
+    last = partition.num_stages - 1
+    heads = hf_model.cls
+    decoder = heads.predictions.decoder
+    # The decoder weight is the word embedding in HF; the last stage gets its own equal copy.
+    decoder.weight = nn.Parameter(decoder.weight.detach().clone())
+    # HF ties decoder.bias and predictions.bias (one Parameter, two names); forward uses only the
+    # decoder's, so drop the second name to keep every stage parameter used and unaliased.
+    del heads.predictions.bias
+    modules = []
+    for s in range(partition.num_stages):
+        layers = {i: hf_model.bert.encoder.layer[i] for i in partition.layer_range(s)}
+        modules.append(BertStage(
+            config, layers,
+            embeddings=hf_model.bert.embeddings if s == 0 else None,
+            pooler=hf_model.bert.pooler if s == last else None,
+            heads=heads if s == last else None))
+    return BertPipelineModel(
+        modules=tuple(modules), loss_fn=BertPretrainingLoss(),
+        tied_parameters=((f"0.{WORD_EMBEDDING}", f"{last}.{MLM_DECODER_WEIGHT}"),),
+        partition=partition, hf_config=config)
+
+
+def stage_parameter_counts(model: BertPipelineModel) -> tuple[int, ...]:
+    """Parameters each stage holds (a tied copy counts on every stage that holds one)."""
+    counts = [0] * model.partition.num_stages
+    for k, module in enumerate(model.modules):
+        counts[model.module_to_stage_map[k]] += sum(p.numel() for p in module.parameters())
+    return tuple(counts)
+
+
+def tied_copy_count(model: BertPipelineModel) -> int:
+    """Parameters held more than once because of ``tied_parameters`` (all copies but the first)."""
+    params = {f"{k}.{name}": p for k, module in enumerate(model.modules)
+              for name, p in module.named_parameters()}
+    return sum(params[name].numel() for group in model.tied_parameters for name in group[1:])
+
+
+def format_parameter_table(model: BertPipelineModel) -> str:
+    """A printable table of layers and parameters per stage."""
+    counts = stage_parameter_counts(model)
+    total = sum(counts)
+    rows = [f"{'stage':>5}  {'layers':<14}  {'parameters':>13}  {'share':>6}"]
+    for s, count in enumerate(counts):
+        span = model.partition.layer_range(s)
+        layers = {0: "-", 1: f"{span.start}"}.get(len(span), f"{span.start}..{span.stop - 1}")
+        parts = (["emb"] if s == 0 else []) + [layers] + (["heads"] if s == len(counts) - 1 else [])
+        rows.append(f"{s:>5}  {'+'.join(parts):<14}  {count:>13,}  {count / total:>6.1%}")
+    tied = tied_copy_count(model)
+    rows.append(f"{'total':>5}  {'':<14}  {total:>13,}  "
+                f"(unique {total - tied:,}; tied decoder copy {tied:,})")
+    return "\n".join(rows)

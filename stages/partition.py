@@ -1,0 +1,182 @@
+"""How BERT's encoder layers are split into pipeline stages, and the ``--module`` flag naming it.
+
+A partition is the number of encoder layers on each stage. The embeddings always go with the first
+stage's layers and the pooler and pre-training heads with the last stage's. Each stage is one
+module of the pipeline, and the loss is one extra trailing module on the last stage (PipeDream's
+``conf.json`` convention), so for ``D`` stages::
+
+    module_to_stage_map = [0, 1, ..., D-1, D-1]
+
+``--module`` accepts two forms (``L`` = number of encoder layers, must match the BERT config)::
+
+    models.bert<L>.depth=<D>              L layers split as evenly as possible over D stages
+    models.bert<L>.layers=<n0>,<n1>,...   n_s layers on stage s (uneven splits); sum = L
+
+e.g. ``models.bert24.depth=8`` (3 layers per stage) or ``models.bert24.layers=2,4,4,4,4,3,2,1``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from pd2bw_ray.config import PipelineConfig
+
+MODULE_SPEC_FORMS = ("models.bert<L>.depth=<D>", "models.bert<L>.layers=<n0>,<n1>,...")
+_MODULE_SPEC = re.compile(r"models\.bert(?P<layers>[0-9]+)\.(?P<kind>depth|layers)=(?P<value>.*)")
+
+
+class PartitionError(ValueError):
+    """A partition or ``--module`` spec is malformed or does not fit the BERT config."""
+
+
+@dataclass(frozen=True)
+class BertPartition:
+    """Encoder layers per stage: stage ``s`` runs layers ``layer_range(s)`` (global indices).
+
+    Stages other than the first and the last must hold at least one layer; the first may hold only
+    the embeddings and the last only the pooler and heads.
+    """
+
+    layers_per_stage: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        counts = self.layers_per_stage
+        if not isinstance(counts, tuple) or not counts:
+            raise PartitionError(f"layers_per_stage must be a non-empty tuple of layer counts, "
+                                 f"got {counts!r}")
+        for s, n in enumerate(counts):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise PartitionError(f"stage {s}: layer count {n!r} is not a non-negative integer "
+                                     f"(layers_per_stage={list(counts)})")
+        for s in range(1, len(counts) - 1):
+            if counts[s] == 0:
+                raise PartitionError(f"stage {s} has no encoder layers (layers_per_stage="
+                                     f"{list(counts)}); only the first stage (embeddings) and the "
+                                     "last stage (heads) may hold none: drop the stage or move a "
+                                     "layer onto it")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers_per_stage)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.layers_per_stage)
+
+    def layer_range(self, stage: int) -> range:
+        if not 0 <= stage < self.num_stages:
+            raise IndexError(f"stage {stage} out of range 0..{self.num_stages - 1}")
+        start = sum(self.layers_per_stage[:stage])
+        return range(start, start + self.layers_per_stage[stage])
+
+    def stage_of_layer(self, layer: int) -> int:
+        for s in range(self.num_stages):
+            if layer in self.layer_range(s):
+                return s
+        raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+
+    @property
+    def module_to_stage_map(self) -> tuple[int, ...]:
+        """One module per stage, plus the loss as a trailing module on the last stage."""
+        return tuple(range(self.num_stages)) + (self.num_stages - 1,)
+
+    def to_spec(self) -> str:
+        """The ``--module`` value that names this partition exactly."""
+        return (f"models.bert{self.num_layers}.layers="
+                + ",".join(str(n) for n in self.layers_per_stage))
+
+
+def balanced_partition(num_layers: int, depth: int) -> BertPartition:
+    """``num_layers`` layers over ``depth`` stages, stage sizes differing by at most one.
+
+    When the split is uneven, the extra layers go first to the stages that hold neither the
+    embeddings nor the heads (stages 1, 2, ...), then to the first stage, then to the last.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise PartitionError(f"depth must be a positive integer, got {depth!r}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise PartitionError(f"num_layers must be a positive integer, got {num_layers!r}")
+    if depth > num_layers:
+        raise PartitionError(f"depth {depth} exceeds the {num_layers} encoder layers; use a depth "
+                             f"of at most {num_layers} (each stage needs at least one layer)")
+    base, extra = divmod(num_layers, depth)
+    counts = [base] * depth
+    order = list(range(1, depth - 1)) + [0] + ([depth - 1] if depth > 1 else [])
+    for s in order[:extra]:
+        counts[s] += 1
+    return BertPartition(tuple(counts))
+
+
+def parse_module_spec(spec: str, num_layers: int, *, flag: str = "--module",
+                      config_source: str = "the BERT config") -> BertPartition:
+    """Parse a ``--module`` value (see the module docstring) for a BERT with ``num_layers`` layers.
+
+    ``config_source`` names where ``num_layers`` came from (e.g. the --bert_config_path file), so a
+    mismatch can say which two things disagree.
+    """
+    if not isinstance(spec, str):
+        raise PartitionError(f"{flag} must be a string such as models.bert24.depth=8, got {spec!r}")
+    match = _MODULE_SPEC.fullmatch(spec.strip())
+    if match is None:
+        raise PartitionError(f"{flag} {spec!r} is not a BERT partition; expected one of "
+                             f"{' or '.join(MODULE_SPEC_FORMS)}, e.g. "
+                             f"models.bert{num_layers}.depth=4")
+    spec_layers = int(match["layers"])
+    if spec_layers != num_layers:
+        raise PartitionError(f"{flag} {spec!r} names a {spec_layers}-layer BERT but "
+                             f"{config_source} has num_hidden_layers={num_layers}; use "
+                             f"models.bert{num_layers}.{match['kind']}=... or another config")
+    value = match["value"].strip()
+    if match["kind"] == "depth":
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+            raise PartitionError(f"{flag} {spec!r}: depth {value!r} is not a positive integer")
+        try:
+            return balanced_partition(num_layers, int(value))
+        except PartitionError as e:
+            raise PartitionError(f"{flag} {spec!r}: {e}") from None
+    items = [item.strip() for item in value.split(",")]
+    bad = [item for item in items if not re.fullmatch(r"[0-9]+", item)]
+    if bad:
+        raise PartitionError(f"{flag} {spec!r}: layer counts must be comma-separated "
+                             f"non-negative integers, e.g. "
+                             f"{balanced_partition(num_layers, min(2, num_layers)).to_spec()}; "
+                             f"bad item(s) {bad}")
+    counts = tuple(int(item) for item in items)
+    if sum(counts) != num_layers:
+        raise PartitionError(f"{flag} {spec!r}: layer counts sum to {sum(counts)}, but the model "
+                             f"has {num_layers} layers")
+    try:
+        return BertPartition(counts)
+    except PartitionError as e:
+        raise PartitionError(f"{flag} {spec!r}: {e}") from None
+
+
+def pipeline_conf(num_stages: int, num_replicas: int = 1) -> PipelineConfig:
+    """The ``conf.json`` for ``num_stages`` BERT stages x ``num_replicas`` replicas.
+
+    Modules are one per stage plus the trailing loss; ranks are stage-major, so stage ``s`` holds
+    ranks ``s*W .. s*W + W-1`` and replica ``r`` of every stage forms pipeline ``r``.
+    """
+    for name, value in (("num_stages", num_stages), ("num_replicas", num_replicas)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PartitionError(f"{name} must be a positive integer, got {value!r}")
+    module_to_stage_map = list(range(num_stages)) + [num_stages - 1]
+    stage_to_rank_map = {str(s): list(range(s * num_replicas, (s + 1) * num_replicas))
+                         for s in range(num_stages)}
+    return PipelineConfig(module_to_stage_map, stage_to_rank_map,
+                          source=f"<pipeline_conf({num_stages}, {num_replicas})>")
+
+
+def format_conf_json(config: PipelineConfig) -> str:
+    """``config`` as conf.json text with one line per stage (how the files in configs/ look)."""
+    d = config.to_dict()
+    lines = ["{", f'  "module_to_stage_map": {json.dumps(d["module_to_stage_map"])},',
+             '  "stage_to_rank_map": {']
+    stages = list(d["stage_to_rank_map"].items())
+    for i, (stage, ranks) in enumerate(stages):
+        comma = "," if i < len(stages) - 1 else ""
+        lines.append(f"    {json.dumps(stage)}: {json.dumps(ranks)}{comma}")
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
