@@ -45,6 +45,7 @@ class StageSpec:
     autocast_bf16: bool
     timeout_s: float
     seed: int
+    two_versions: bool = True
 
     @property
     def where(self) -> str:
@@ -73,6 +74,7 @@ def plan_stages(
     autocast_bf16: bool = False,
     timeout_s: float = 120.0,
     seed: int = 0,
+    two_versions: bool = True,
 ) -> StagePlan:
     """Decide each stage replica's modules and ties. ``param_shapes[k]`` maps module k's
     parameter names to shapes (used to check tied parameters before anything starts)."""
@@ -142,7 +144,8 @@ def plan_stages(
                 local_ties=tuple(local_ties[s]), ties=tuple(ties), tie_sources=tuple(sources),
                 max_grad_norm=max_grad_norm, grad_scale=1.0 / (num_microbatches * w),
                 device=device, torch_threads=torch_threads, recompute=s in set(recompute),
-                autocast_bf16=autocast_bf16, timeout_s=timeout_s, seed=seed))
+                autocast_bf16=autocast_bf16, timeout_s=timeout_s, seed=seed,
+                two_versions=two_versions))
         specs.append(tuple(row))
     return StagePlan(tuple(specs), topology)
 
@@ -192,7 +195,7 @@ class StageActor:
             loss_fn=loss_fn if spec.stage == spec.num_stages - 1 else None,
             local_ties=spec.local_ties, grad_scale=spec.grad_scale, device=device,
             recompute=spec.recompute, autocast_bf16=spec.autocast_bf16,
-            initial_state=initial_state)
+            initial_state=initial_state, two_versions=spec.two_versions)
 
     def where(self) -> dict[str, Any]:
         """Where this replica runs (node, process, device)."""
@@ -254,6 +257,20 @@ class StageActor:
 
     def versions(self) -> list[int]:
         return self.stage.versions()
+
+    def memory(self, reset_peaks: bool = False) -> dict[str, int]:
+        """The stage's memory accounting (bytes) and this process's peak resident size."""
+        import resource
+
+        out = self.stage.memory()
+        out["process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.stage.device.type == "cuda":
+            out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(self.stage.device)
+        if reset_peaks:
+            self.stage.reset_peaks()
+            if self.stage.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.stage.device)
+        return out
 
     def set_lr(self, lr: float) -> None:
         self.stage.set_lr(lr)

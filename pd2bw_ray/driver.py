@@ -263,7 +263,7 @@ class PipelineTrainer:
             torch_threads=self.resources.torch_threads,
             recompute=self.stage_options.recompute,
             autocast_bf16=self.stage_options.autocast_bf16, timeout_s=self.comm.timeout_s,
-            seed=seed)
+            seed=seed, two_versions=(schedule == "2bw"))
         if initial_state_dict is not None:
             _check_state_keys(initial_state_dict, names)
 
@@ -545,6 +545,20 @@ class PipelineTrainer:
         ``(category, action, t_start, t_end)`` with wall-clock times."""
         return {k: list(v) for k, v in self._events.items()}
 
+    def stats(self, reset_peaks: bool = False) -> dict[tuple[int, int], dict[str, Any]]:
+        """Per (stage, replica): memory (bytes: weights incl. the second version, gradients,
+        optimizer state, stashed activations now and at peak) and, over the last train() call,
+        the fraction of wall time spent computing, communicating (sends, reductions), waiting
+        for a peer, and otherwise idle (between chunks). The four fractions sum to 1."""
+        self._check_alive()
+        assert self._pool is not None
+        calls = [(s, r, self._pool.call(s, r, "memory", reset_peaks))
+                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+        out: dict[tuple[int, int], dict[str, Any]] = {}
+        for (s, r, _), mem in zip(calls, self._gather(calls)):
+            out[(s, r)] = {"memory": mem, "time": time_fractions(self._events.get((s, r), []))}
+        return out
+
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group, from the next update on."""
         self._all("set_lr", lr)
@@ -574,6 +588,22 @@ class PipelineTrainer:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def time_fractions(events: Sequence[tuple[str, str, float, float]]) -> dict[str, float]:
+    """Split an action log's wall span into compute / comm / wait / idle fractions (sum 1)."""
+    if not events:
+        return {"compute": 0.0, "comm": 0.0, "wait": 0.0, "idle": 0.0, "seconds": 0.0}
+    span = max(e[3] for e in events) - min(e[2] for e in events)
+    sums = {"compute": 0.0, "comm": 0.0, "wait": 0.0}
+    for cat, _, t0, t1 in events:
+        sums[cat] += t1 - t0
+    if span <= 0:
+        return {**{k: 0.0 for k in sums}, "idle": 0.0, "seconds": 0.0}
+    frac = {k: v / span for k, v in sums.items()}
+    frac["idle"] = max(0.0, 1.0 - sum(frac.values()))
+    frac["seconds"] = span
+    return frac
 
 
 def _key_order(key: str) -> tuple[int, str]:

@@ -50,6 +50,38 @@ class _Stashed:
     inputs: list[torch.Tensor]            # floating inputs that need a gradient (stage > 0)
     outputs: list[torch.Tensor] = field(default_factory=list)  # floating outputs with grad
     loss: torch.Tensor | None = None       # last stage: the scaled loss
+    nbytes: int = 0                        # activation memory it holds (unique storages)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _SavedBytes:
+    """Counts the bytes of the distinct storages autograd saves for backward during a forward,
+    leaving out the weights (they belong to a version, not to the microbatch)."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.storages: dict[int, int] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self.exclude:
+            self.storages[ptr] = st.nbytes()
+
+    def hooks(self):
+        def pack(t):
+            self.add(t)
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
 
 
 class Stage:
@@ -76,6 +108,7 @@ class Stage:
         autocast_bf16: bool = False,
         initial_state: Mapping[str, torch.Tensor] | None = None,
         first_version: int = 0,
+        two_versions: bool = True,
     ) -> None:
         self.stage = stage
         self.num_stages = num_stages
@@ -91,6 +124,7 @@ class Stage:
         self.grad_scale = grad_scale
         self.recompute = recompute
         self.autocast_bf16 = autocast_bf16
+        self.two_versions = two_versions   # 2bw; flush/gpipe update their single version in place
 
         # Canonical name of every parameter; tied names on this stage share one canonical name.
         alias: dict[str, str] = {}
@@ -151,6 +185,8 @@ class Stage:
                           if self.param_names else None)
         self._stash: dict[tuple[int, int], _Stashed] = {}
         self._grads: dict[int, dict[str, torch.Tensor | None]] = {}
+        self.peak_stash_bytes = 0
+        self.peak_in_flight = 0
 
     # ---------------------------------------------------------------- parameters and versions
 
@@ -236,11 +272,13 @@ class Stage:
                 if isinstance(x, torch.Tensor) and is_float(x):
                     x.requires_grad_(True)
                     grad_inputs.append(x)
-        with self._autocast():
+        saved = _SavedBytes({t.untyped_storage().data_ptr() for t in slot.values()})
+        with self._autocast(), saved.hooks():
             if self.recompute:
                 out = checkpoint(self._run_chain, slot, *inputs, use_reentrant=False)
             else:
                 out = self._run_chain(slot, *inputs)
+        with self._autocast():
             entry = _Stashed(step, version, grad_inputs)
             if self.is_last:
                 last = out[0] if len(out) == 1 else out
@@ -249,7 +287,7 @@ class Stage:
                     raise StageError(f"stage {self.stage}: loss_fn must return a scalar tensor, "
                                      f"got {type(loss).__name__} {getattr(loss, 'shape', '')}")
                 entry.loss = loss.reshape(()) * self.grad_scale
-                self._stash[key] = entry
+                self._remember(key, entry, saved, inputs)
                 return float(loss.detach())
         for o in out:
             if not isinstance(o, torch.Tensor):
@@ -257,8 +295,18 @@ class Stage:
                                  f"{type(o).__name__}; stage outputs must be tensors or tuples "
                                  "of tensors")
         entry.outputs = [o for o in out if is_float(o) and o.requires_grad]
-        self._stash[key] = entry
+        self._remember(key, entry, saved, list(inputs) + list(out))
         return tuple(o.detach() for o in out)
+
+    def _remember(self, key, entry: _Stashed, saved: _SavedBytes, held) -> None:
+        for t in held:
+            if isinstance(t, torch.Tensor):
+                saved.add(t)
+        entry.nbytes = saved.total
+        self._stash[key] = entry
+        self.peak_in_flight = max(self.peak_in_flight, len(self._stash))
+        self.peak_stash_bytes = max(self.peak_stash_bytes,
+                                    sum(e.nbytes for e in self._stash.values()))
 
     @staticmethod
     def grad_layout(outputs: Sequence[torch.Tensor]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -333,7 +381,7 @@ class Stage:
         if new_version != self.newest_version + 1:
             raise StageError(f"stage {self.stage}: update of step {step} would create version "
                              f"{new_version}, but the newest is {self.newest_version}")
-        target = 1 - self._newest
+        target = 1 - self._newest if self.two_versions else self._newest
         old = self._slot_version[target]
         if old is not None and any(e.version == old for e in self._stash.values()):
             raise StageError(f"stage {self.stage}: cannot overwrite version {old}: microbatches "
@@ -345,9 +393,10 @@ class Stage:
             self._slots[target] = {n: torch.empty_like(src[n]).requires_grad_(True)
                                    for n in self.param_names}
         dst = self._slots[target]
-        with torch.no_grad():
-            for n in self.param_names:
-                dst[n].copy_(src[n])
+        if dst is not src:
+            with torch.no_grad():
+                for n in self.param_names:
+                    dst[n].copy_(src[n])
         for n, g in zip(self.param_names, grads):
             p = self._opt_params[n]
             p.data = dst[n].data
@@ -359,6 +408,26 @@ class Stage:
         self._slot_version[target] = new_version
         self._newest = target
         return new_version
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held now: weights (every version held), gradient buffers, optimizer state,
+        stashed activations; and the peak of stashed activations and of microbatches in flight
+        since the last ``reset_peaks``."""
+        weights = sum(_nbytes(slot.values()) for slot in self._slots if slot is not None)
+        grads = sum(_nbytes(g for g in buf.values() if g is not None)
+                    for buf in self._grads.values())
+        optim = 0
+        if self.optimizer is not None:
+            for st in self.optimizer.state.values():
+                optim += _nbytes(v for v in st.values() if isinstance(v, torch.Tensor))
+        return {"weights": weights, "weight_versions": len(self.versions()),
+                "gradients": grads, "optimizer": optim,
+                "stash": sum(e.nbytes for e in self._stash.values()),
+                "peak_stash": self.peak_stash_bytes, "peak_in_flight": self.peak_in_flight}
+
+    def reset_peaks(self) -> None:
+        self.peak_stash_bytes = sum(e.nbytes for e in self._stash.values())
+        self.peak_in_flight = len(self._stash)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups if self.optimizer is not None else ():
