@@ -275,6 +275,22 @@ class StageActor:
     def set_lr(self, lr: float) -> None:
         self.stage.set_lr(lr)
 
+    def export_state(self, with_weights: bool) -> dict[str, Any]:
+        """This replica's RNG state, and (``with_weights``) the stage's weights and optimizer."""
+        out: dict[str, Any] = {"rng": torch.get_rng_state()}
+        if self.stage.device.type == "cuda":
+            out["cuda_rng"] = torch.cuda.get_rng_state(self.stage.device)
+        if with_weights:
+            out.update(self.stage.export_state())
+        return out
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        self.stage.import_state(state)
+        if state.get("rng") is not None:
+            torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.stage.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.stage.device)
+
     def close(self) -> None:
         if self.executor is not None:
             self.executor.close()

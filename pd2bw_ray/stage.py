@@ -17,6 +17,7 @@ buffers.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -428,6 +429,91 @@ class Stage:
     def reset_peaks(self) -> None:
         self.peak_stash_bytes = sum(e.nbytes for e in self._stash.values())
         self.peak_in_flight = len(self._stash)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: the newest version and (2bw) the one before,
+        persistent buffers, the optimizer state. Tensors are CPU copies; names are canonical."""
+        if self._stash or self._grads:
+            raise StageError(f"stage {self.stage}: cannot checkpoint with microbatches in flight "
+                             f"({self.in_flight()}); checkpoint between train() calls")
+        newest = self._slots[self._newest]
+        assert newest is not None
+        prev_i = 1 - self._newest
+        prev = self._slots[prev_i] if self._slot_version[prev_i] is not None else None
+        buffers = {}
+        for k in self.module_ids:
+            params = {local for local, _ in self._module_param_names[k]}
+            for local, b in self.modules[k].state_dict(keep_vars=True).items():
+                if local not in params:
+                    buffers[f"{k}.{local}"] = b.detach().cpu().clone()
+        return {
+            "newest_version": self.newest_version,
+            "weights": {n: t.detach().cpu().clone() for n, t in newest.items()},
+            "previous_version": self._slot_version[prev_i] if prev is not None else None,
+            "previous": ({n: t.detach().cpu().clone() for n, t in prev.items()}
+                         if prev is not None else None),
+            "buffers": buffers,
+            "optimizer": (self.optimizer.state_dict() if self.optimizer is not None else None),
+        }
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of ``export_state``. A state without a previous version continues 2bw with
+        ``W(t-1) := W(t)``, as training starts with ``W(-1) = W(0)``."""
+        if self._stash or self._grads:
+            raise StageError(f"stage {self.stage}: cannot load a checkpoint with microbatches "
+                             "in flight")
+        weights = state["weights"]
+        missing = [n for n in self.param_names if n not in weights]
+        unknown = [n for n in weights if n not in self.param_names]
+        if missing or unknown:
+            raise StageError(f"stage {self.stage}: checkpoint weights do not match the stage's "
+                             f"parameters: missing {missing[:5]}, unknown {unknown[:5]}")
+        newest_v = int(state["newest_version"])
+        prev = state.get("previous") if self.two_versions else None
+        prev_v = state.get("previous_version") if prev is not None else None
+        if self.two_versions and prev is None:
+            prev, prev_v = weights, newest_v - 1
+
+        def fill(i: int, values: Mapping[str, torch.Tensor]) -> None:
+            if self._slots[i] is None:
+                ref = self._slots[1 - i]
+                assert ref is not None
+                self._slots[i] = {n: torch.empty_like(ref[n]).requires_grad_(True)
+                                  for n in self.param_names}
+            slot = self._slots[i]
+            assert slot is not None
+            with torch.no_grad():
+                for n in self.param_names:
+                    if tuple(values[n].shape) != tuple(slot[n].shape):
+                        raise StageError(f"stage {self.stage}: checkpoint {n} has shape "
+                                         f"{tuple(values[n].shape)}, expected "
+                                         f"{tuple(slot[n].shape)}")
+                    slot[n].copy_(values[n])
+
+        fill(0, weights)
+        self._slot_version[0] = newest_v
+        self._newest = 0
+        if prev is not None:
+            fill(1, prev)
+            self._slot_version[1] = int(prev_v)
+        else:
+            self._slots[1], self._slot_version[1] = None, None
+        slot0 = self._slots[0]
+        assert slot0 is not None
+        for n in self.param_names:
+            self._opt_params[n].data = slot0[n].data
+        buffers = {f"{k}.{local}": b for k in self.module_ids
+                   for local, b in self.modules[k].state_dict(keep_vars=True).items()}
+        with torch.no_grad():
+            for name, value in state.get("buffers", {}).items():
+                if name in buffers:
+                    buffers[name].copy_(value)
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            # load_state_dict keeps tensors that already have the right dtype and device: copy
+            # them, so that no two stage replicas ever share optimizer state.
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups if self.optimizer is not None else ():

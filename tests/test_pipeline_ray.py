@@ -175,3 +175,25 @@ def test_a_bad_step_mid_stream_drains_cleanly_and_training_can_continue():
     _, ref = reference_train(mlp(), nn.MSELoss(), steps, schedule="2bw",
                              optimizer_factory=OPTIMIZERS["adam"], tied_parameters=TIE)
     assert_matches(state, ref)
+
+
+def test_checkpoint_and_resume_on_ray_actors(ray_cluster, tmp_path):
+    steps = make_steps(2)
+    _, ref = reference_train(mlp(), nn.MSELoss(), steps, schedule="2bw",
+                             optimizer_factory=OPTIMIZERS["adam"], tied_parameters=TIE,
+                             max_grad_norm=0.05)
+    kw = dict(tied_parameters=TIE, max_grad_norm=0.05, resources=RES)
+    a = PipelineTrainer(mlp(), nn.MSELoss(), conf(2), OPTIMIZERS["adam"], num_microbatches=M,
+                        **kw)
+    try:
+        a.train(steps[:3])
+        a.checkpoint(str(tmp_path))
+    finally:
+        a.shutdown()
+    b = PipelineTrainer.from_checkpoint(str(tmp_path), mlp(), nn.MSELoss(), OPTIMIZERS["adam"],
+                                        **kw)
+    try:
+        b.train(steps[3:])
+        assert_matches(b.state_dict(), ref)
+    finally:
+        b.shutdown()

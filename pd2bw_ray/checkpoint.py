@@ -1,0 +1,263 @@
+"""Pipeline checkpoints: tensors in safetensors, metadata in JSON, written atomically, verified.
+
+Layout of one checkpoint (a directory ``<root>/step-00000123``)::
+
+    manifest.json                   format, step, schedule, conf, versions, per-file sha256, extra
+    stage000.weights.safetensors    newest weights W(t) of stage 0 (canonical names) + buffers
+    stage000.previous.safetensors   W(t-1) (2bw only: step t runs on it)
+    stage000.optimizer.safetensors  optimizer state tensors, keys "<param name>::<state key>"
+    stage000.optimizer.json         optimizer hyper-parameters and non-tensor state
+    rng.safetensors                 every stage replica's torch RNG state (dropout)
+
+A checkpoint is written into a hidden temporary directory next to its final place, every file is
+fsync'ed, ``manifest.json`` (with the checksums) is written last, and the directory is renamed into
+place: a crash mid-write never leaves a directory that looks complete. Loading verifies every
+checksum; ``latest_checkpoint`` reports a corrupted checkpoint and falls back to the one before.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = "pd2bw-checkpoint/1"
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit the pipeline."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint on disk."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def extra(self) -> dict:
+        return dict(self.manifest.get("extra", {}))
+
+    def read(self, name: str) -> dict[str, torch.Tensor]:
+        return st_load((self.path / name).read_bytes())
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+
+def stage_file(stage: int, what: str) -> str:
+    return f"stage{stage:03d}.{what}"
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer state <-> (tensors, JSON)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, tuple):
+        return {"__tuple__": [_jsonable(v) for v in x]}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, float) and x != x:
+        return {"__float__": "nan"}
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    raise CheckpointError(f"cannot store optimizer setting of type {type(x).__name__} as JSON")
+
+
+def _from_json(x: Any) -> Any:
+    if isinstance(x, dict):
+        if set(x) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in x["__tuple__"])
+        if set(x) == {"__float__"}:
+            return float(x["__float__"])
+        return {k: _from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
+
+
+def optimizer_to_files(state_dict: Mapping[str, Any], names: list[str]
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` (params indexed 0..n-1 in ``names`` order) into tensors
+    keyed ``"<name>::<key>"`` and JSON metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict[str, Any]] = {}
+    for i, st in state_dict["state"].items():
+        name = names[int(i)]
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{name}::{key}"] = v.detach().cpu().contiguous()
+            else:
+                other.setdefault(name, {})[key] = _jsonable(v)
+    meta = {"names": names, "param_groups": _jsonable(state_dict["param_groups"]),
+            "other_state": other}
+    return tensors, meta
+
+
+def optimizer_from_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                         names: list[str]) -> dict[str, Any]:
+    saved_names = list(meta["names"])
+    if saved_names != names:
+        raise CheckpointError(f"optimizer state is for parameters {saved_names[:3]}..., the stage "
+                              f"has {names[:3]}...")
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        name, _, k = key.partition("::")
+        state.setdefault(index[name], {})[k] = t
+    for name, rest in meta.get("other_state", {}).items():
+        state.setdefault(index[name], {}).update(_from_json(rest))
+    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(root: str | os.PathLike, step: int, files: Mapping[str, bytes],
+                     manifest: Mapping[str, Any], keep: int | None = None) -> Path:
+    """Write ``files`` and a manifest (with their checksums) as ``<root>/step-<step>``,
+    atomically. ``keep``: delete all but the newest ``keep`` checkpoints afterwards."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        checksums = {}
+        for name, data in files.items():
+            _write(tmp / name, data)
+            checksums[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        full = dict(manifest)
+        full.update({"format": FORMAT, "step": step, "files": checksums,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        _write(tmp / "manifest.json", (json.dumps(full, indent=1) + "\n").encode())
+        _fsync_dir(tmp)
+        if final.exists():   # re-checkpointing the same step: swap, then drop the old one
+            old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete-looking checkpoint directories under ``root``, oldest first (temporary
+    directories of interrupted writes are never listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit():
+            out.append(p)
+    return sorted(out, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify a checkpoint: manifest present and well-formed, every file present with
+    its recorded size and sha256."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not mpath.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath}: corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath}: not a {FORMAT} manifest")
+    for name, info in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {name} is missing")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{f}: truncated or altered ({size} bytes, manifest says "
+                                  f"{info['bytes']})")
+        if _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: corrupted (sha256 does not match the manifest)")
+    return Checkpoint(path, manifest)
+
+
+def latest_checkpoint(root: str | os.PathLike,
+                      report: Callable[[str], None] = print) -> Checkpoint | None:
+    """The newest checkpoint under ``root`` that verifies; each one that does not is reported
+    (``report``) and skipped. None if there is none."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return open_checkpoint(path)
+        except CheckpointError as e:
+            report(f"[pd2bw] skipping checkpoint: {e}")
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike,
+                       report: Callable[[str], None] = print) -> Checkpoint:
+    """A checkpoint directory, or the newest valid checkpoint under a root directory."""
+    p = Path(path)
+    if (p / "manifest.json").exists():
+        return open_checkpoint(p)
+    ck = latest_checkpoint(p, report)
+    if ck is None:
+        raise CheckpointError(f"{p}: no complete checkpoint found (expected {STEP_PREFIX}* "
+                              "directories with a manifest.json)")
+    return ck
