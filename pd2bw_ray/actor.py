@@ -164,7 +164,8 @@ class StageActor:
 
     def __init__(self, spec: StageSpec, modules: Mapping[int, nn.Module | Callable[[], nn.Module]],
                  loss_fn: Callable | None, optimizer_factory: OptimizerFactory,
-                 initial_state: Mapping[str, torch.Tensor] | None = None):
+                 initial_state: Mapping[str, torch.Tensor] | None = None,
+                 lr_schedule: Callable[[int], float] | None = None):
         self.spec = spec
         if spec.device == "cpu":
             torch.set_num_threads(spec.torch_threads)
@@ -180,7 +181,7 @@ class StageActor:
             device = f"cuda:{torch.cuda.current_device()}"
         try:
             self.stage = self._build(spec, built, loss_fn, optimizer_factory, initial_state,
-                                     device)
+                                     device, lr_schedule)
         except Exception as e:
             raise StageError(f"{spec.where}: building the stage failed: "
                              f"{type(e).__name__}: {e}") from e
@@ -188,14 +189,16 @@ class StageActor:
         self.transport: Transport | None = None
 
     @staticmethod
-    def _build(spec, built, loss_fn, optimizer_factory, initial_state, device) -> Stage:
+    def _build(spec, built, loss_fn, optimizer_factory, initial_state, device,
+               lr_schedule) -> Stage:
         return Stage(
             stage=spec.stage, num_stages=spec.num_stages, modules=built,
             optimizer_factory=optimizer_factory,
             loss_fn=loss_fn if spec.stage == spec.num_stages - 1 else None,
             local_ties=spec.local_ties, grad_scale=spec.grad_scale, device=device,
             recompute=spec.recompute, autocast_bf16=spec.autocast_bf16,
-            initial_state=initial_state, two_versions=spec.two_versions)
+            initial_state=initial_state, two_versions=spec.two_versions,
+            lr_schedule=lr_schedule)
 
     def where(self) -> dict[str, Any]:
         """Where this replica runs (node, process, device)."""
@@ -274,6 +277,9 @@ class StageActor:
 
     def set_lr(self, lr: float) -> None:
         self.stage.set_lr(lr)
+
+    def lr(self) -> float | None:
+        return self.stage.lr()
 
     def export_state(self, with_weights: bool) -> dict[str, Any]:
         """This replica's RNG state, and (``with_weights``) the stage's weights and optimizer."""

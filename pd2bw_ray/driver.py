@@ -202,9 +202,10 @@ class PipelineTrainer:
     ``num_microbatches`` microbatches per replica. ``tied_parameters`` lists groups of names
     ("<module index>.<parameter name>") that are one weight (they start from the first name's
     value, their gradients are summed, they stay identical). ``max_grad_norm`` clips by the
-    global norm over all stages. Modules may be given as zero-argument factories (built on the
-    actor, e.g. for models too big for the driver). ``local=True`` runs the stages on threads of
-    this process instead of Ray actors.
+    global norm over all stages. ``lr_schedule(step)`` multiplies every parameter group's initial
+    learning rate at update ``step`` (``torch.optim.lr_scheduler.LambdaLR`` semantics). Modules
+    may be given as zero-argument factories (built on the actor, e.g. for models too big for the
+    driver). ``local=True`` runs the stages on threads of this process instead of Ray actors.
     """
 
     def __init__(
@@ -219,6 +220,7 @@ class PipelineTrainer:
         max_grad_norm: float | None = None,
         initial_state_dict: Mapping[str, torch.Tensor] | None = None,
         *,
+        lr_schedule: Callable[[int], float] | None = None,
         resources: ActorResources | None = None,
         stage_options: StageOptions | None = None,
         comm: CommConfig | None = None,
@@ -282,6 +284,9 @@ class PipelineTrainer:
             raise ConfigError("CommConfig.backend='nccl' needs GPU actors "
                               "(ActorResources(num_gpus=1))")
         self.backend = backend
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise ConfigError("lr_schedule must be a function of the step returning a factor")
+        self._lr_schedule = lr_schedule
         per_stage = [{k: modules[k] for k in row[0].module_ids} for row in self._plan.specs]
         states = [None if initial_state_dict is None else
                   {k: v for k, v in initial_state_dict.items()
@@ -302,7 +307,8 @@ class PipelineTrainer:
 
         hub = ThreadHub(self._plan.topology)
         actors = [[StageActor(spec, copy.deepcopy(per_stage[spec.stage]), loss_fn,
-                              optimizer_factory, states[spec.stage]) for spec in row]
+                              optimizer_factory, states[spec.stage], self._lr_schedule)
+                   for spec in row]
                   for row in self._plan.specs]
         self._pool = _ThreadPool(actors, hub)
         comm = CommSetup("thread", self.name, hub)
@@ -352,11 +358,15 @@ class PipelineTrainer:
                                             name=f"{self.name}:stage{s}:replica{spec.replica}",
                                             max_restarts=0)
                 if pg is not None:
+                    # Bundles in pipeline order (replica-major): with PACK, the stages of one
+                    # pipeline share a node (activations stay local) and replicas spread over
+                    # nodes (only the gradient all-reduce crosses them), as PipeDream places them.
                     opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                        placement_group=pg, placement_group_bundle_index=spec.rank)
+                        placement_group=pg,
+                        placement_group_bundle_index=spec.replica * self.config.num_stages + s)
                 actor_row.append(remote_cls.options(**opts).remote(
                     spec, module_refs[s], loss_fn if s == self.config.num_stages - 1 else None,
-                    optimizer_factory, states[s]))
+                    optimizer_factory, states[s], self._lr_schedule))
             actors.append(actor_row)
         self._pool = _RayPool(actors, pg)
         self._all("setup", self._plan.topology, CommSetup(self.backend, self.name))
@@ -561,8 +571,15 @@ class PipelineTrainer:
         return out
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every parameter group, from the next update on."""
+        """Set the learning rate of every parameter group, from the next update on (with an
+        ``lr_schedule``, the base it multiplies)."""
         self._all("set_lr", lr)
+
+    def lr(self) -> float | None:
+        """The learning rate used by the last update (first parameter group of stage 0)."""
+        self._check_alive()
+        assert self._pool is not None
+        return self._gather([(0, 0, self._pool.call(0, 0, "lr"))])[0]
 
     # ------------------------------------------------------------------ checkpoints
 

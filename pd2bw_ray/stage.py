@@ -110,6 +110,7 @@ class Stage:
         initial_state: Mapping[str, torch.Tensor] | None = None,
         first_version: int = 0,
         two_versions: bool = True,
+        lr_schedule: Callable[[int], float] | None = None,
     ) -> None:
         self.stage = stage
         self.num_stages = num_stages
@@ -184,6 +185,12 @@ class Stage:
         # updates only advance the version.
         self.optimizer = (optimizer_factory([(n, self._opt_params[n]) for n in self.param_names])
                           if self.param_names else None)
+        # LambdaLR semantics: update t uses lr = initial_lr * lr_schedule(t) in every group.
+        # initial_lr lives in the param groups, so it is saved with the optimizer state.
+        self.lr_schedule = lr_schedule
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
         self._stash: dict[tuple[int, int], _Stashed] = {}
         self._grads: dict[int, dict[str, torch.Tensor | None]] = {}
         self.peak_stash_bytes = 0
@@ -403,6 +410,10 @@ class Stage:
             p.data = dst[n].data
             p.grad = g if clip_coef == 1.0 else g * clip_coef
         if self.optimizer is not None:
+            if self.lr_schedule is not None:
+                factor = float(self.lr_schedule(step))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
             self.optimizer.step()
         for p in self._opt_params.values():
             p.grad = None
@@ -516,8 +527,14 @@ class Stage:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
     def set_lr(self, lr: float) -> None:
+        """Set every group's learning rate (the base of ``lr_schedule``, if there is one)."""
         for group in self.optimizer.param_groups if self.optimizer is not None else ():
             group["lr"] = lr
+            group["initial_lr"] = lr
+
+    def lr(self) -> float | None:
+        """The learning rate of the first parameter group at the last update."""
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
 
 
 def clip_coefficient(total_norm: float, max_norm: float | None) -> float:

@@ -46,7 +46,7 @@ def mean_loss_grads(model, loss_fn, microbatches):
 
 
 def reference_train(modules, loss_fn, steps, *, schedule, optimizer_factory,
-                    max_grad_norm=None, tied_parameters=None):
+                    max_grad_norm=None, tied_parameters=None, lr_schedule=None):
     """Train per the schedule's formula; returns (losses, final state_dict with keys
     '<module>.<name>' for every name, tied aliases included).
 
@@ -57,6 +57,8 @@ def reference_train(modules, loss_fn, steps, *, schedule, optimizer_factory,
     shadow = tied_model(modules, tied_parameters)   # holds W(t-1) under 2bw
     params = dict(model.named_parameters())
     opt = optimizer_factory(list(params.items()))
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule)
+             if lr_schedule is not None else None)
     losses = []
     for t, microbatches in enumerate(steps):
         if schedule == "2bw":
@@ -72,6 +74,8 @@ def reference_train(modules, loss_fn, steps, *, schedule, optimizer_factory,
             torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
     state = {}
     for k, mod in enumerate(model):
         for n, p in mod.named_parameters(remove_duplicate=False):

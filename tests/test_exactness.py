@@ -128,3 +128,25 @@ def test_bf16_autocast_keeps_fp32_master_weights():
     assert all(v.dtype == torch.float32 for v in s16.values())
     assert l16 != l32                                  # bf16 really ran
     torch.testing.assert_close(torch.tensor(l16), torch.tensor(l32), rtol=3e-2, atol=3e-2)
+
+
+def warmup_then_decay(step):
+    return min(1.0, (step + 1) / 3) * max(0.0, 1 - step / 8)
+
+
+@pytest.mark.parametrize("schedule", ["2bw", "flush"])
+def test_lr_schedule_matches_torch_lambda_lr(schedule):
+    steps = make_steps(1)
+    _, ref = reference_train(mlp(), nn.MSELoss(), steps, schedule=schedule,
+                             optimizer_factory=OPTIMIZERS["adam"], tied_parameters=TIE,
+                             lr_schedule=warmup_then_decay)
+    trainer = PipelineTrainer(mlp(), nn.MSELoss(), conf(1), OPTIMIZERS["adam"], schedule=schedule,
+                              num_microbatches=M, tied_parameters=TIE,
+                              lr_schedule=warmup_then_decay, local=True)
+    try:
+        trainer.train(steps[:2])
+        trainer.train(steps[2:])
+        assert_matches(trainer.state_dict(), ref)
+        assert trainer.lr() == pytest.approx(0.01 * warmup_then_decay(STEPS - 1))
+    finally:
+        trainer.shutdown()
