@@ -1,4 +1,4 @@
-"""The bundled sample data: reproducible from its generator, covered by its vocab, usable end to end."""
+"""The bundled sample data: reproducible, covered by its vocab, usable end to end."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ the ids written, not against the stream's own bookkeeping.
 
 from __future__ import annotations
 
-import numpy as np
+import threading
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -185,3 +186,31 @@ def test_wait_meter_reports_the_share_of_step_time_spent_waiting():
     assert stats.wait_fraction == pytest.approx(0.5 / 3.2)
     assert stats.max_wait_s == pytest.approx(0.3)
     assert "data wait 15.6%" in str(stats)
+
+
+def test_stream_reads_while_stage_actors_hold_every_cpu(ray_cluster, tmp_path):
+    import ray
+
+    write_shards(tmp_path / "shards", [12, 12, 12])
+    cfg = StreamConfig(shards=(str(tmp_path / "shards"),), train_batch_size=3, microbatches=2,
+                       num_replicas=2, seed=0, num_epochs=2)
+
+    @ray.remote(num_cpus=1)
+    class Stage:
+        def ping(self) -> int:
+            return 1
+
+    stages = [Stage.remote() for _ in range(int(ray.cluster_resources()["CPU"]))]
+    ray.get([s.ping.remote() for s in stages])
+    assert ray.available_resources().get("CPU", 0) < 1
+    result: list = []
+    try:
+        reader = threading.Thread(target=lambda: result.extend(PretrainingStream(cfg)),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout=120)  # a read task that waited for a CPU would wait forever
+        assert not reader.is_alive(), "the stream got no data while actors held every CPU"
+    finally:
+        for s in stages:
+            ray.kill(s)
+    assert len(result) == 2 * 3  # 18 rows per replica // 3 // 2 = 3 steps per epoch
