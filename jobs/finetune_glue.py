@@ -1,0 +1,238 @@
+"""Fine-tune a pre-trained (partitioned) BERT checkpoint on a GLUE task and score its dev set(s).
+
+    ray job submit --working-dir . -- python jobs/finetune_glue.py \\
+        --data_dir glue_data --task_name MNLI --do_train --do_eval \\
+        -m models.bert24.depth=8 --bert_config_path configs/bert_config_bert-large-uncased.json \\
+        --checkpoint_path ckpt/ --epoch 0 --num_stages 8 --output_dir glue_out/
+
+The flags are those of the original ``compute_glue_scores.py`` plus learning rate, batch size,
+epochs and seed. The checkpoint of pre-training epoch ``--epoch`` (written by
+``jobs/pretrain_bert24.py``, any number of stages) is merged into one BERT;
+``-m/--module``, ``--num_stages`` and ``--bert_config_path``, if given, must describe it. The model
+is fine-tuned data-parallel on Ray with this runtime at depth 1 (``--num_replicas`` replicas,
+vanilla minibatch semantics), then each dev set of the task is scored with the task's official
+metric(s) and the scores are written as JSON (``<output_dir>/scores_<task>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+class JobError(ValueError):
+    """A flag or input is wrong; the message names it and says what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobs/finetune_glue.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", required=True, help="GLUE data (jiant download_glue_data.py layout)")
+    p.add_argument("--task_name", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, ...")
+    p.add_argument("--do_train", action="store_true")
+    p.add_argument("--do_eval", action="store_true")
+    p.add_argument("-m", "--module", default=None,
+                   help="the checkpoint's partition (checked against it), e.g. "
+                        "models.bert24.depth=8")
+    p.add_argument("--bert_config_path", default=None, help="checked against the checkpoint's")
+    p.add_argument("--checkpoint_path", required=True,
+                   help="--checkpoint_dir of the pre-training run, or one step-* directory")
+    p.add_argument("--epoch", type=int, default=None,
+                   help="pre-training epoch whose checkpoint to use (default: the newest)")
+    p.add_argument("--num_stages", type=int, default=None, help="the checkpoint's stage count")
+    p.add_argument("--vocab_path", default=None, help="default: the pre-training run's vocab")
+    p.add_argument("--do_lower_case", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: as in pre-training")
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--learning_rate", type=float, default=2e-5)
+    p.add_argument("--train_batch_size", type=int, default=32, help="sequences per microbatch")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--num_train_epochs", type=float, default=3.0)
+    p.add_argument("--warmup_proportion", type=float, default=0.1)
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--num_replicas", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--num_cpus_per_replica", type=float, default=1.0)
+    p.add_argument("--num_gpus_per_replica", type=float, default=0.0)
+    p.add_argument("--torch_threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output_dir", default=None, help="where scores_<task>.json goes "
+                                                       "(default: <checkpoint_path>/glue)")
+    p.add_argument("--log_every", type=int, default=20)
+    return p
+
+
+def check_against_checkpoint(args, pretrained) -> None:
+    """The seed's flags describe the checkpoint; a mismatch is an error, not a guess."""
+    from stages import BertModelConfig, parse_module_spec
+
+    ck = pretrained.checkpoint
+    part = pretrained.partition
+    if args.num_stages is not None and args.num_stages != part.num_stages:
+        raise JobError(f"--num_stages {args.num_stages}, but {ck.path} has {part.num_stages} "
+                       f"stages ({part.to_spec()})")
+    if args.module:
+        try:
+            want = parse_module_spec(args.module, pretrained.model_config.num_hidden_layers)
+        except ValueError as e:
+            raise JobError(f"-m {args.module}: {e}") from None
+        if want.layers_per_stage != part.layers_per_stage:
+            raise JobError(f"-m {args.module} splits layers as {list(want.layers_per_stage)}, but "
+                           f"{ck.path} was trained as {part.to_spec()}")
+    if args.bert_config_path:
+        if not os.path.exists(args.bert_config_path):
+            raise JobError(f"--bert_config_path {args.bert_config_path}: no such file")
+        cfg = BertModelConfig.from_json(args.bert_config_path)
+        if cfg.to_dict() != pretrained.model_config.to_dict():
+            diff = {k: (v, pretrained.model_config.to_dict().get(k))
+                    for k, v in cfg.to_dict().items() if pretrained.model_config.to_dict().get(k)
+                    != v}
+            raise JobError(f"--bert_config_path {args.bert_config_path} differs from the "
+                           f"checkpoint's bert config: {diff} (flag, checkpoint)")
+
+
+def steps_of(features, indices, b: int, m: int, w: int) -> list[list[tuple]]:
+    """Cut ``indices`` into steps of m*w microbatches of b examples (the last partial step is
+    dropped); replica r takes microbatches r::w."""
+    per_step = b * m * w
+    out = []
+    for start in range(0, len(indices) - per_step + 1, per_step):
+        step = []
+        for j in range(m * w):
+            idx = indices[start + j * b: start + (j + 1) * b]
+            inputs = tuple(t[idx] for t in features.inputs)
+            step.append((inputs, features.labels[idx]))
+        out.append(step)
+    return out
+
+
+def evaluate(model, features, batch_size: int):
+    import torch
+
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            sl = slice(start, start + batch_size)
+            outs.append(model(*(t[sl] for t in features.inputs)))
+    return torch.cat(outs)
+
+
+def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    import ray
+    import torch
+
+    from data.glue import encode_examples, get_task, load_examples, task_file
+    from data.glue_metrics import glue_metrics
+    from data.vocab import load_tokenizer
+    from pd2bw_ray import ActorResources, PipelineConfig, PipelineTrainer
+    from stages.bert_checkpoint import read_pretrained_bert
+    from stages.bert_glue import BertClassifier, GlueLoss
+    from stages.bert_optim import BertAdamW, WarmupLinearDecay
+
+    if not (args.do_train or args.do_eval):
+        raise JobError("nothing to do: pass --do_train and/or --do_eval")
+    task = get_task(args.task_name)
+    for split in (("train",) if args.do_train else ()) + (task.dev_splits if args.do_eval else ()):
+        task_file(args.data_dir, task, split)      # missing files fail before any work
+    pretrained = read_pretrained_bert(args.checkpoint_path, args.epoch, report=log)
+    check_against_checkpoint(args, pretrained)
+    extra = pretrained.checkpoint.extra
+    vocab = args.vocab_path or extra.get("vocab_path")
+    if not vocab or not os.path.exists(vocab):
+        raise JobError(f"vocab {vocab!r} not found; pass --vocab_path (the pre-training vocab)")
+    lower = args.do_lower_case if args.do_lower_case is not None else extra.get("do_lower_case",
+                                                                               True)
+    if args.max_seq_length > pretrained.model_config.max_position_embeddings:
+        raise JobError(f"--max_seq_length {args.max_seq_length} exceeds the model's "
+                       f"max_position_embeddings={pretrained.model_config.max_position_embeddings}")
+    tokenizer = load_tokenizer(vocab, do_lower_case=lower)
+    log(f"[glue] {task.dir_name}: BERT from {pretrained.checkpoint.path} (pre-training epoch "
+        f"{extra.get('epoch')}, {pretrained.partition.num_stages} stages, merged)")
+    model = BertClassifier(pretrained.model_config, task.num_labels,
+                           pretrained.hf_state_dict, seed=args.seed)
+    loss_fn = GlueLoss(task.num_labels)
+    result: dict[str, Any] = {"task": task.dir_name, "checkpoint": str(pretrained.checkpoint.path),
+                              "pretraining_epoch": extra.get("epoch")}
+    if args.do_train:
+        train = encode_examples(load_examples(args.data_dir, task.name, "train"), tokenizer,
+                                args.max_seq_length)
+        b, m, w = args.train_batch_size, args.gradient_accumulation_steps, args.num_replicas
+        per_epoch = len(train) // (b * m * w)
+        if per_epoch == 0:
+            raise JobError(f"{len(train)} training examples are fewer than one update of "
+                           f"{b * m * w} (--train_batch_size x --gradient_accumulation_steps x "
+                           "--num_replicas); lower them")
+        total = max(1, int(round(args.num_train_epochs * per_epoch)))
+        g = torch.Generator().manual_seed(args.seed)
+        steps = []
+        while len(steps) < total:
+            steps += steps_of(train, torch.randperm(len(train), generator=g), b, m, w)
+        steps = steps[:total]
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"),
+                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}
+                     if "RAY_ADDRESS" not in os.environ else None)
+        trainer = PipelineTrainer(
+            [model], loss_fn, PipelineConfig([0], {"0": list(range(w))}),
+            BertAdamW(lr=args.learning_rate), schedule="flush", num_microbatches=m,
+            lr_schedule=WarmupLinearDecay(total, args.warmup_proportion), max_grad_norm=1.0,
+            resources=ActorResources(num_cpus=args.num_cpus_per_replica,
+                                     num_gpus=args.num_gpus_per_replica,
+                                     torch_threads=args.torch_threads), seed=args.seed)
+        t0 = time.time()
+
+        def progress(step: int, loss: float) -> None:
+            if (step + 1) % args.log_every == 0 or step + 1 == total:
+                log(f"[glue] step {step + 1}/{total} loss {loss:.4f} "
+                    f"({(step + 1) * b * m * w / (time.time() - t0):.1f} examples/s)")
+
+        try:
+            losses = trainer.train(steps, on_step=progress)
+            state = trainer.state_dict()
+        finally:
+            trainer.shutdown()
+        model.load_state_dict({k[len("0."):]: v for k, v in state.items()})
+        result.update({"train_examples": len(train), "steps": total, "final_loss": losses[-1],
+                       "first_loss": losses[0]})
+    if args.do_eval:
+        scores = {}
+        for split in task.dev_splits:
+            dev = encode_examples(load_examples(args.data_dir, task.name, split), tokenizer,
+                                  args.max_seq_length)
+            preds = evaluate(model, dev, args.eval_batch_size)
+            scores[split] = dict(glue_metrics(task, preds, dev.labels))
+            log(f"[glue] {task.dir_name} {split}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in scores[split].items()))
+        result["scores"] = scores
+    out = Path(args.output_dir or Path(args.checkpoint_path) / "glue")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"scores_{task.name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"[glue] results written to {path}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:    # JobError, GlueDataError, CheckpointError, ConfigError, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # checkpoint problems (CheckpointError is a RuntimeError)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""Pre-train BERT with pipeline parallelism (PipeDream-2BW by default) on a Ray cluster.
+
+    ray job submit --working-dir . -- python jobs/pretrain_bert24.py \\
+        --module models.bert24.depth=8 --config_path configs/conf_bert24_depth8_replicas8.json \\
+        --bert_config_path configs/bert_config_bert-large-uncased.json --vocab_path vocab.txt \\
+        --train_path wiki_shards/ --do_train --do_lower_case --max_seq_length 128 \\
+        --train_batch_size 8 --gradient_accumulation_steps 8 --num_train_epochs 1 \\
+        --learning_rate 1e-4 --checkpoint_dir ckpt/
+
+or plain ``python jobs/pretrain_bert24.py ...`` (a local Ray is started). The flags are those of
+the original PipeDream BERT scripts:
+
+- Batches: a microbatch is ``--train_batch_size`` sequences; every replica runs
+  ``--gradient_accumulation_steps`` microbatches (m) per weight update (2bw needs m >= depth); one
+  update averages ``train_batch_size x gradient_accumulation_steps x replicas`` sequences.
+- Modes: ``--num_minibatches N`` measures throughput over N iterations (weight updates) and writes
+  per-iteration times, samples/s and per-stage compute / communication / idle fractions as JSON;
+  ``--num_train_epochs E`` trains to accuracy with BERT's optimizer and schedule, logging the loss
+  of every step and writing an atomic checkpoint per epoch (and every ``--checkpoint_every``
+  steps) into ``--checkpoint_dir``; ``--resume`` continues from the newest complete checkpoint.
+- ``--train_path``: a directory of prepared Parquet shards (``python -m data.prepare_pretraining``,
+  or pre-masked shards with the same columns), or raw text (one sentence per line, WikiExtractor
+  JSON, a Wikipedia XML dump), which is prepared first into ``<checkpoint_dir>/shards``.
+- ``--master_addr --nnodes --node_rank --nproc_per_node`` (the original launcher's) are accepted
+  and ignored: Ray places one actor per rank of the conf with a placement group, on whatever
+  nodes the cluster has; run the job once, from any node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:           # `python jobs/pretrain_bert24.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+LAUNCHER_FLAGS = ("master_addr", "nnodes", "node_rank", "nproc_per_node")
+
+
+class JobError(ValueError):
+    """A flag or input is wrong; the message names it and says what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobs/pretrain_bert24.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and layout")
+    g.add_argument("--module", default="models.bert24.depth=8",
+                   help="partition: models.bert<L>.depth=<D> (balanced), "
+                        "models.bert<L>.layers=<n0>,<n1>,... (explicit), or "
+                        "models.bert<L>.depth=auto (the planner chooses)")
+    g.add_argument("--config_path", default=None,
+                   help="conf.json (module_to_stage_map, stage_to_rank_map); default: one "
+                        "replica per stage, or --num_replicas")
+    g.add_argument("--num_replicas", type=int, default=1,
+                   help="data-parallel width when no --config_path is given")
+    g.add_argument("--bert_config_path", default=str(ROOT / "configs" /
+                                                     "bert_config_bert-large-uncased.json"))
+    g.add_argument("--init_checkpoint", default=None,
+                   help="start from a transformers BertForPreTraining/BertModel directory")
+    g.add_argument("--schedule", choices=("2bw", "flush", "gpipe"), default="2bw")
+    g.add_argument("--recompute", action="store_true",
+                   help="recompute activations in backward on every stage")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU), fp32 weights")
+    g = p.add_argument_group("data")
+    g.add_argument("--train_path", default=None, help="prepared shards directory or raw text")
+    g.add_argument("--vocab_path", default=None)
+    g.add_argument("--do_lower_case", action="store_true")
+    g.add_argument("--max_seq_length", type=int, default=128)
+    g.add_argument("--on_memory", action="store_true",
+                   help="materialize the shards in Ray's object store once")
+    g.add_argument("--partitioned_data", action="store_true",
+                   help="each replica reads its own disjoint subset of shard files")
+    g.add_argument("--dupe_factor", type=int, default=1,
+                   help="when preparing raw text: uses of each document, with different masks")
+    g = p.add_argument_group("training")
+    g.add_argument("--do_train", action="store_true")
+    g.add_argument("--train_batch_size", type=int, default=8, help="sequences per microbatch")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                   help="microbatches per replica per weight update (default: the depth)")
+    g.add_argument("--num_minibatches", type=int, default=None,
+                   help="throughput mode: run this many iterations (weight updates)")
+    g.add_argument("--num_train_epochs", type=float, default=None,
+                   help="to-accuracy mode: epochs over the data")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--warmup_proportion", type=float, default=0.01)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="cap on weight updates in to-accuracy mode")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint_dir", default=None)
+    g.add_argument("--checkpoint_every", type=int, default=0,
+                   help="also checkpoint every N updates (0: only at the end of each epoch)")
+    g.add_argument("--keep_checkpoints", type=int, default=2,
+                   help="step checkpoints kept besides the end-of-epoch ones")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --checkpoint_dir")
+    g.add_argument("--stop_after_epoch", type=int, default=None,
+                   help="exit after this epoch's checkpoint (a preemption at an epoch "
+                        "boundary; continue with --resume)")
+    g = p.add_argument_group("resources and output")
+    g.add_argument("--num_cpus_per_stage", type=float, default=1.0)
+    g.add_argument("--num_gpus_per_stage", type=float, default=0.0)
+    g.add_argument("--torch_threads", type=int, default=1)
+    g.add_argument("--comm_timeout", type=float, default=300.0,
+                   help="seconds a stage waits for a peer before reporting it hung")
+    g.add_argument("--output_json", default=None,
+                   help="throughput mode: where the metrics go (default: "
+                        "<checkpoint_dir or runs>/throughput.json)")
+    g.add_argument("--log_every", type=int, default=10, help="print progress every N steps")
+    g = p.add_argument_group("accepted for compatibility with the original launcher (ignored: "
+                             "Ray places the actors)")
+    for flag in LAUNCHER_FLAGS:
+        g.add_argument(f"--{flag}", default=None)
+    g.add_argument("--local_rank", default=None)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# checking the inputs (before anything starts)
+
+
+def _need_file(path: str | None, flag: str, what: str) -> str:
+    if not path:
+        raise JobError(f"{flag} is required ({what})")
+    if not os.path.exists(path):
+        raise JobError(f"{flag} {path}: no such file or directory ({what})")
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        raise JobError(f"{flag} {path}: not readable")
+    return path
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not args.do_train:
+        raise JobError("nothing to do: pass --do_train")
+    modes = [f for f in ("num_minibatches", "num_train_epochs") if getattr(args, f) is not None]
+    if len(modes) != 1:
+        raise JobError("pass exactly one of --num_minibatches N (throughput) and "
+                       "--num_train_epochs E (to accuracy)")
+    if args.num_minibatches is not None and args.num_minibatches < 1:
+        raise JobError(f"--num_minibatches must be >= 1, got {args.num_minibatches}")
+    if args.num_train_epochs is not None and not args.num_train_epochs > 0:
+        raise JobError(f"--num_train_epochs must be > 0, got {args.num_train_epochs}")
+    if args.num_train_epochs is not None and not args.checkpoint_dir:
+        raise JobError("--num_train_epochs needs --checkpoint_dir (checkpoints go there)")
+    if args.resume and not args.checkpoint_dir:
+        raise JobError("--resume needs --checkpoint_dir")
+    for flag in ("train_batch_size", "max_seq_length", "num_replicas"):
+        if getattr(args, flag) < 1:
+            raise JobError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps < 1:
+        raise JobError("--gradient_accumulation_steps must be >= 1")
+    _need_file(args.bert_config_path, "--bert_config_path", "Google-format bert_config.json")
+    _need_file(args.vocab_path, "--vocab_path", "BERT vocab.txt")
+    _need_file(args.train_path, "--train_path", "prepared shards or raw text")
+    if args.config_path:
+        _need_file(args.config_path, "--config_path", "conf.json")
+    if args.init_checkpoint:
+        _need_file(args.init_checkpoint, "--init_checkpoint", "transformers checkpoint dir")
+
+
+def load_model_and_layout(args: argparse.Namespace, resources_cpus: float = 1.0):
+    """(model config, partition, pipeline model, conf, m): everything built from the flags."""
+    from data.vocab import read_vocab
+    from pd2bw_ray import PipelineConfig
+    from stages import BertModelConfig, build_bert_pipeline, parse_module_spec, pipeline_conf
+
+    model_cfg = BertModelConfig.from_json(args.bert_config_path)
+    if args.max_seq_length > model_cfg.max_position_embeddings:
+        raise JobError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings="
+                       f"{model_cfg.max_position_embeddings} of {args.bert_config_path}")
+    vocab = read_vocab(args.vocab_path)
+    if len(vocab) > model_cfg.vocab_size:
+        raise JobError(f"{args.vocab_path} has {len(vocab)} tokens but {args.bert_config_path} "
+                       f"has vocab_size={model_cfg.vocab_size}")
+    spec = args.module
+    if spec.endswith("depth=auto"):
+        spec = plan_module_spec(args, model_cfg)
+    partition = parse_module_spec(spec, model_cfg.num_hidden_layers,
+                                  config_source=args.bert_config_path)
+    if args.config_path:
+        conf = PipelineConfig.from_json(args.config_path)
+    else:
+        conf = pipeline_conf(partition.num_stages, args.num_replicas)
+    model = build_bert_pipeline(model_cfg, partition, seed=args.seed)
+    model.check_pipeline_config(conf)
+    m = args.gradient_accumulation_steps or conf.num_stages
+    return model_cfg, partition, model, conf, m
+
+
+def plan_module_spec(args: argparse.Namespace, model_cfg) -> str:
+    try:
+        from pd2bw_ray.planner import plan_for_job
+    except ImportError as e:  # pragma: no cover - the planner ships with the package
+        raise JobError(f"--module ...depth=auto needs the planner: {e}") from None
+    plan = plan_for_job(model_cfg, args)
+    return plan.module_spec
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def shards_for(args: argparse.Namespace, log) -> list[str]:
+    """The Parquet shards to train on: --train_path itself, or raw text prepared once into
+    <checkpoint_dir or runs>/shards (reused while the preparation settings are unchanged)."""
+    from data.prepare_pretraining import PrepareConfig, prepare_pretraining
+    from data.pretraining import ExampleConfig
+    from data.shards import list_shards
+
+    path = Path(args.train_path)
+    if path.is_dir() and any(path.rglob("*.parquet")):
+        return list_shards([str(path)])
+    out = Path(args.checkpoint_dir or ROOT / "runs") / "shards"
+    settings = {"inputs": [str(path.resolve())], "vocab": str(Path(args.vocab_path).resolve()),
+                "do_lower_case": bool(args.do_lower_case),
+                "max_seq_length": args.max_seq_length, "dupe_factor": args.dupe_factor,
+                "seed": args.seed, "mtime": path.stat().st_mtime}
+    marker = out / "prepared.json"
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        log(f"[pretrain] reusing prepared shards in {out}")
+        return list_shards([str(out)])
+    log(f"[pretrain] preparing {path} into {out} ...")
+    summary = prepare_pretraining(PrepareConfig(
+        inputs=(str(path),), output_dir=str(out), vocab_path=args.vocab_path,
+        do_lower_case=args.do_lower_case,
+        examples=ExampleConfig(max_seq_length=args.max_seq_length, dupe_factor=args.dupe_factor,
+                               seed=args.seed),
+        overwrite=True), show_progress=False)
+    log(f"[pretrain] {summary}")
+    marker.write_text(json.dumps(settings))
+    return list_shards([str(out)])
+
+
+def check_shard_length(shards: Sequence[str], max_seq_length: int) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shards[0], columns=["input_ids"]).slice(0, 1)
+    if table.num_rows:
+        got = len(table.column("input_ids")[0].as_py())
+        if got != max_seq_length:
+            raise JobError(f"{shards[0]} holds sequences of {got} tokens but --max_seq_length is "
+                           f"{max_seq_length}; pass --max_seq_length {got} or re-prepare the data")
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+
+
+def iteration_times(log: dict, num_stages: int) -> list[float]:
+    """Seconds between the completions of consecutive steps, a step being complete when its
+    last backward finished on every stage (from the executed action log)."""
+    done: dict[int, float] = {}
+    for (s, _r), events in log.items():
+        for _cat, label, _t0, t1 in events:
+            if label.startswith("B"):
+                step = int(label[1:].split(".", 1)[0])
+                done[step] = max(done.get(step, 0.0), t1)
+    ends = [done[k] for k in sorted(done)]
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+class Progress:
+    """One line per ``every`` steps: step, epoch, loss, lr, samples/s, ETA (plain lines, so it
+    reads the same in a terminal and in ``ray job logs``)."""
+
+    def __init__(self, total: int, first: int, samples_per_step: int, every: int, log,
+                 steps_per_epoch: int | None = None, lr_fn=None, jsonl: Path | None = None):
+        self.total, self.first, self.samples = total, first, samples_per_step
+        self.every, self.log, self.spe, self.lr_fn = max(1, every), log, steps_per_epoch, lr_fn
+        self.t0 = time.time()
+        self.jsonl = jsonl
+        self.last_loss = float("nan")
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.last_loss = loss
+        done = step + 1 - self.first
+        elapsed = time.time() - self.t0
+        rate = done * self.samples / elapsed if elapsed > 0 else 0.0
+        lr = self.lr_fn(step) if self.lr_fn else None
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr,
+                                    "time": time.time()}) + "\n")
+        if done % self.every == 0 or step + 1 == self.total:
+            eta = (self.total - step - 1) * elapsed / done if done else 0.0
+            epoch = f" epoch {step // self.spe}" if self.spe else ""
+            lr_s = f" lr {lr:.2e}" if lr is not None else ""
+            self.log(f"[pretrain] step {step + 1}/{self.total}{epoch} loss {loss:.4f}{lr_s} "
+                     f"{rate:.1f} samples/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+
+def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    import ray
+
+    from data.streaming import DataPosition, PretrainingStream, StreamConfig
+    from pd2bw_ray import ActorResources, CommConfig, PipelineTrainer, StageOptions
+    from pd2bw_ray.checkpoint import latest_checkpoint
+    from stages import load_hf_checkpoint
+    from stages.bert_optim import BertAdamW, WarmupLinearDecay
+
+    check_args(args)
+    ignored = [f"--{f}" for f in LAUNCHER_FLAGS if getattr(args, f) is not None]
+    if ignored:
+        log(f"[pretrain] note: {' '.join(ignored)} ignored: Ray places the stage actors "
+            "(one per rank of the conf) on the cluster's nodes")
+    model_cfg, partition, model, conf, m = load_model_and_layout(args)
+    d, w, b = conf.num_stages, conf.num_replicas, args.train_batch_size
+    if args.schedule == "2bw" and m < d:
+        raise JobError(f"--gradient_accumulation_steps {m} < depth {d}: 2bw needs at least as "
+                       f"many microbatches per update as stages; pass "
+                       f"--gradient_accumulation_steps {d} or more")
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    resume = latest_checkpoint(ckpt_dir, report=log) if (args.resume and ckpt_dir) else None
+    if args.resume and resume is None:
+        log(f"[pretrain] --resume: no complete checkpoint in {ckpt_dir}; starting from scratch")
+    if resume is not None:
+        check_resume_matches(resume, args, partition, model_cfg)
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"),
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in
+                 os.environ else None)
+    shards = shards_for(args, log)
+    check_shard_length(shards, args.max_seq_length)
+    stream_cfg = StreamConfig(shards=tuple(shards), train_batch_size=b, microbatches=m,
+                              num_replicas=w, seed=args.seed, partitioned_data=args.partitioned_data,
+                              on_memory=args.on_memory)
+    position = (DataPosition.from_dict(resume.extra["data_position"]) if resume is not None
+                else None)
+    stream = PretrainingStream(stream_cfg, position)
+    spe = stream.steps_per_epoch
+    samples_per_step = b * m * w
+    if args.num_minibatches is not None:
+        total = args.num_minibatches
+    else:
+        total = int(round(args.num_train_epochs * spe))
+        if args.max_steps is not None:
+            total = min(total, args.max_steps)
+    total = max(total, 1)
+    lr_schedule = (WarmupLinearDecay(total, args.warmup_proportion)
+                   if args.num_train_epochs is not None else None)
+    optimizer = BertAdamW(lr=args.learning_rate, weight_decay=args.weight_decay)
+    kwargs = dict(
+        schedule=args.schedule, num_microbatches=m,
+        tied_parameters=[list(g) for g in model.tied_parameters],
+        max_grad_norm=args.max_grad_norm or None, lr_schedule=lr_schedule,
+        resources=ActorResources(num_cpus=args.num_cpus_per_stage,
+                                 num_gpus=args.num_gpus_per_stage,
+                                 torch_threads=args.torch_threads),
+        stage_options=StageOptions(recompute=tuple(range(d)) if args.recompute else (),
+                                   autocast_bf16=args.bf16),
+        comm=CommConfig(timeout_s=args.comm_timeout), seed=args.seed)
+    log(f"[pretrain] BERT {model_cfg.num_hidden_layers} layers x {model_cfg.hidden_size} as "
+        f"{partition.to_spec()} ({list(partition.layers_per_stage)} layers per stage), "
+        f"{d} stages x {w} replicas, schedule {args.schedule}, m={m}, microbatch {b}, "
+        f"{samples_per_step} sequences per update, {spe} updates per epoch")
+    t_start = time.time()
+    if resume is not None:
+        trainer = PipelineTrainer.from_checkpoint(str(resume.path), list(model.modules),
+                                                  model.loss_fn, optimizer, config=conf, **kwargs)
+        log(f"[pretrain] resumed from {resume.path} at step {trainer.step} "
+            f"(epoch {position.epoch}, step {position.step} of it)")
+    else:
+        init = load_hf_checkpoint(args.init_checkpoint, model) if args.init_checkpoint else None
+        trainer = PipelineTrainer(list(model.modules), model.loss_fn, conf, optimizer,
+                                  initial_state_dict=init, **kwargs)
+    log(f"[pretrain] {d * w} stage actors up in {time.time() - t_start:.1f} s")
+    try:
+        if args.num_minibatches is not None:
+            return throughput_mode(args, trainer, stream, total, samples_per_step, log)
+        return accuracy_mode(args, trainer, stream, total, spe, samples_per_step, lr_schedule,
+                             ckpt_dir, model_cfg, partition, log)
+    finally:
+        stream.close()
+        trainer.shutdown()
+
+
+def check_resume_matches(resume, args, partition, model_cfg) -> None:
+    extra = resume.extra
+    if extra.get("module") and extra["module"] != partition.to_spec():
+        raise JobError(f"{resume.path} was trained with --module {extra['module']}; this run "
+                       f"asks for {partition.to_spec()}. Resume with the same partition.")
+    if extra.get("bert_config") and extra["bert_config"] != model_cfg.to_dict():
+        raise JobError(f"{resume.path} was trained with a different bert config than "
+                       f"{args.bert_config_path}")
+    if "data_position" not in extra:
+        raise JobError(f"{resume.path} has no data position; it was not written by this job")
+
+
+def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict[str, Any]:
+    progress = Progress(total, trainer.step, samples_per_step, args.log_every, log)
+    t0 = time.time()
+    losses = trainer.train(itertools.islice(iter(stream), total), on_step=progress)
+    wall = time.time() - t0
+    times = iteration_times(trainer.action_log(), trainer.num_stages)
+    steady = times[len(times) // 4:] or times or [wall / max(1, len(losses))]
+    mean_it = sum(steady) / len(steady)
+    stats = trainer.stats()
+    stages = {}
+    for (s, r), st in sorted(stats.items()):
+        t = st["time"]
+        stages[f"{s}.{r}"] = {"compute": t["compute"], "communication": t["comm"],
+                              "idle": t["wait"] + t["idle"], "wait_for_peer": t["wait"],
+                              "memory_bytes": st["memory"]}
+    out = {
+        "mode": "throughput", "schedule": args.schedule, "iterations": len(losses),
+        "num_stages": trainer.num_stages, "num_replicas": trainer.num_replicas,
+        "microbatch_size": args.train_batch_size, "num_microbatches": trainer.num_microbatches,
+        "samples_per_iteration": samples_per_step,
+        "iteration_times_s": times, "mean_iteration_time_s": mean_it,
+        "samples_per_second": samples_per_step / mean_it, "wall_time_s": wall,
+        "losses": losses, "stages": stages,
+    }
+    path = Path(args.output_json or Path(args.checkpoint_dir or ROOT / "runs") /
+                "throughput.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    log(f"[pretrain] {len(losses)} iterations, steady state {mean_it * 1000:.1f} ms/iteration, "
+        f"{out['samples_per_second']:.1f} samples/s; per stage (compute/comm/idle): "
+        + ", ".join(f"{k}: {v['compute']:.2f}/{v['communication']:.2f}/{v['idle']:.2f}"
+                    for k, v in stages.items()))
+    log(f"[pretrain] metrics written to {path}")
+    return out
+
+
+def accuracy_mode(args, trainer, stream, total, spe, samples_per_step, lr_schedule, ckpt_dir,
+                  model_cfg, partition, log) -> dict[str, Any]:
+    assert ckpt_dir is not None
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = ckpt_dir / "train_log.jsonl"
+    progress = Progress(total, trainer.step, samples_per_step, args.log_every, log, spe,
+                        lambda t: args.learning_rate * lr_schedule(t), jsonl)
+    it = iter(stream)
+    losses: list[float] = []
+    every = args.checkpoint_every or spe
+    last_path = None
+    while trainer.step < total:
+        step = trainer.step
+        epoch_end = (step // spe + 1) * spe
+        stop = min(total, epoch_end, (step // every + 1) * every)
+        losses += trainer.train(itertools.islice(it, stop - step), on_step=progress)
+        at_epoch_end = trainer.step == epoch_end or trainer.step == total
+        position = stream.position_after(trainer.step - start_step(stream, spe))
+        extra = {"epoch": (trainer.step - 1) // spe, "end_of_epoch": at_epoch_end,
+                 "global_step": trainer.step, "data_position": position.to_dict(),
+                 "module": partition.to_spec(), "layers_per_stage": list(
+                     partition.layers_per_stage), "bert_config": model_cfg.to_dict(),
+                 "vocab_path": str(Path(args.vocab_path).resolve()),
+                 "do_lower_case": bool(args.do_lower_case),
+                 "max_seq_length": args.max_seq_length, "loss": losses[-1] if losses else None}
+        last_path = trainer.checkpoint(str(ckpt_dir), extra=extra)
+        log(f"[pretrain] checkpoint {last_path} (step {trainer.step}, "
+            f"{'end of epoch ' + str(extra['epoch']) if at_epoch_end else 'mid-epoch'})")
+        prune_step_checkpoints(ckpt_dir, args.keep_checkpoints)
+        if (at_epoch_end and args.stop_after_epoch is not None
+                and extra["epoch"] >= args.stop_after_epoch and trainer.step < total):
+            log(f"[pretrain] stopping after epoch {extra['epoch']} as asked "
+                f"(--stop_after_epoch); continue with --resume")
+            break
+    return {"mode": "accuracy", "steps": trainer.step, "losses": losses,
+            "checkpoint": last_path, "final_loss": losses[-1] if losses else None}
+
+
+def start_step(stream, spe: int) -> int:
+    """Global step index at which this stream started (from its starting data position)."""
+    pos = stream.position_after(0)
+    return pos.epoch * spe + pos.step
+
+
+def prune_step_checkpoints(root: Path, keep: int) -> None:
+    """Keep every end-of-epoch checkpoint and the newest ``keep`` mid-epoch ones."""
+    import shutil
+
+    from pd2bw_ray.checkpoint import list_checkpoints
+
+    mid = []
+    for path in list_checkpoints(root):
+        try:
+            extra = json.loads((path / "manifest.json").read_text()).get("extra", {})
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not extra.get("end_of_epoch", False):
+            mid.append(path)
+    for path in mid[:-keep] if keep > 0 else mid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:   # ConfigError, StreamError, BertConfigError, ... (bad input)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
