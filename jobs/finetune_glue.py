@@ -29,6 +29,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def init_ray() -> None:
+    """Join the cluster this job was submitted to (``ray job submit`` sets RAY_ADDRESS and ships
+    the working dir), or a local one (``RAY_ADDRESS=local`` forces a new one); locally started
+    workers get the repo root on their path so that stages/ and data/ import."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    submitted = address not in (None, "", "local")
+    ray.init(address=address or None,
+             runtime_env=None if submitted else {"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+
 class JobError(ValueError):
     """A flag or input is wrong; the message names it and says what to do."""
 
@@ -178,9 +190,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             steps += steps_of(train, torch.randperm(len(train), generator=g), b, m, w)
         steps = steps[:total]
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"),
-                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}
-                     if "RAY_ADDRESS" not in os.environ else None)
+            init_ray()
         trainer = PipelineTrainer(
             [model], loss_fn, PipelineConfig([0], {"0": list(range(w))}),
             BertAdamW(lr=args.learning_rate), schedule="flush", num_microbatches=m,

@@ -44,6 +44,18 @@ if str(ROOT) not in sys.path:           # `python jobs/pretrain_bert24.py` from 
 LAUNCHER_FLAGS = ("master_addr", "nnodes", "node_rank", "nproc_per_node")
 
 
+def init_ray() -> None:
+    """Join the cluster this job was submitted to (``ray job submit`` sets RAY_ADDRESS and ships
+    the working dir), or a local one (``RAY_ADDRESS=local`` forces a new one); locally started
+    workers get the repo root on their path so that stages/ and data/ import."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    submitted = address not in (None, "", "local")
+    ray.init(address=address or None,
+             runtime_env=None if submitted else {"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+
 class JobError(ValueError):
     """A flag or input is wrong; the message names it and says what to do."""
 
@@ -328,9 +340,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         check_resume_matches(resume, args, partition, model_cfg)
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"),
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in
-                 os.environ else None)
+        init_ray()
     shards = shards_for(args, log)
     check_shard_length(shards, args.max_seq_length)
     stream_cfg = StreamConfig(shards=tuple(shards), train_batch_size=b, microbatches=m,
@@ -407,6 +417,7 @@ def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict
     steady = times[len(times) // 4:] or times or [wall / max(1, len(losses))]
     mean_it = sum(steady) / len(steady)
     stats = trainer.stats()
+    placement = {f"{s}.{r}": where for (s, r), where in sorted(trainer.placement().items())}
     stages = {}
     for (s, r), st in sorted(stats.items()):
         t = st["time"]
@@ -420,7 +431,7 @@ def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict
         "samples_per_iteration": samples_per_step,
         "iteration_times_s": times, "mean_iteration_time_s": mean_it,
         "samples_per_second": samples_per_step / mean_it, "wall_time_s": wall,
-        "losses": losses, "stages": stages,
+        "losses": losses, "stages": stages, "placement": placement,
     }
     path = Path(args.output_json or Path(args.checkpoint_dir or ROOT / "runs") /
                 "throughput.json")
