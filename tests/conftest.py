@@ -27,3 +27,17 @@ def ray_cluster():
                                            "PYTHONPATH": os.pathsep.join([ROOT, TESTS])}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """The bundled corpus prepared into shards of 32 tokens (by the preparation CLI, in its own
+    process and Ray)."""
+    from job_helpers import ROOT, run
+
+    out = tmp_path_factory.mktemp("shards")
+    run(["-m", "data.prepare_pretraining", "--input", ROOT / "data/sample/corpus.txt",
+         "--output_dir", out, "--vocab_path", ROOT / "data/sample/vocab.txt", "--do_lower_case",
+         "--max_seq_length", "32", "--dupe_factor", "1", "--seed", "3",
+         "--documents_per_shard", "100", "--quiet"])
+    return out

@@ -7,48 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
-TINY = ["--module", "models.bert4.depth=2", "--bert_config_path",
-        str(ROOT / "configs" / "bert_config_demo.json"), "--vocab_path",
-        str(ROOT / "data" / "sample" / "vocab.txt"), "--do_train", "--do_lower_case",
-        "--max_seq_length", "32", "--num_cpus_per_stage", "0.5", "--log_every", "5"]
-
-
-def env(**extra):
-    # RAY_ADDRESS=local: every job starts its own Ray, whatever else runs on this machine
-    e = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", OMP_NUM_THREADS="1",
-             RAY_ADDRESS="local")
-    e.update(extra)
-    return e
-
-
-def run(args, timeout=600, ok=True):
-    p = subprocess.run([PY] + [str(a) for a in args], cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=timeout)
-    if ok and p.returncode != 0:
-        raise AssertionError(f"{args[:2]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-3000:]}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    run(["-m", "data.prepare_pretraining", "--input", ROOT / "data/sample/corpus.txt",
-         "--output_dir", out, "--vocab_path", ROOT / "data/sample/vocab.txt", "--do_lower_case",
-         "--max_seq_length", "32", "--dupe_factor", "1", "--seed", "3",
-         "--documents_per_shard", "100", "--quiet"])
-    return out
+from job_helpers import PY, ROOT, TINY, env, final_weights, processes_mentioning, run
 
 
 def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_path):
@@ -68,14 +34,6 @@ def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_
         assert st["compute"] + st["communication"] + st["idle"] == pytest.approx(1.0, abs=0.02)
         assert st["memory_bytes"]["weights"] > 0
     assert len({v["pid"] for v in m["placement"].values()}) == 2
-
-
-def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    last = sorted(ckpt_dir.glob("step-*"))[-1]
-    out = {}
-    for f in sorted(last.glob("stage*.safetensors")):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
-    return out
 
 
 def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(shards, tmp_path):
@@ -110,18 +68,6 @@ def start_head(tmp: Path, port: int, dash: int) -> subprocess.Popen:
         env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
 def stop_head(proc: subprocess.Popen, tmp: Path) -> None:
     """Stop the head and every process it started (they all mention its temp dir)."""
     try:
@@ -148,10 +94,16 @@ def submit(address: str, args: list, timeout: float = 600) -> str:
     (the job's logs and the final status line)."""
     e = env(PATH=f"{Path(PY).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
     e.pop("RAY_ADDRESS")
-    p = subprocess.run([str(Path(PY).parent / "ray"), "job", "submit", "--address", address,
-                        "--working-dir", ".", "--", "python", *[str(a) for a in args]],
-                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-    out = p.stdout + p.stderr
+    deadline = time.time() + 120
+    while True:
+        p = subprocess.run([str(Path(PY).parent / "ray"), "job", "submit", "--address", address,
+                            "--working-dir", ".", "--", "python", *[str(a) for a in args]],
+                           cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+        out = p.stdout + p.stderr
+        # A fresh head answers HTTP before its job agent is up; Ray says to try again later.
+        if p.returncode == 0 or "No available agent" not in out or time.time() > deadline:
+            break
+        time.sleep(3)
     assert p.returncode == 0 and "succeeded" in out, out[-4000:]
     return out
 
