@@ -232,15 +232,20 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job; exit status 2 for bad input, 1 if training failed. A local Ray started
+    here ends with the process."""
+    from pd2bw_ray import PipelineFailure
+    from pd2bw_ray.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except ValueError as e:    # JobError, GlueDataError, CheckpointError, ConfigError, ...
+    except (ValueError, CheckpointError) as e:   # bad input: flags, data, checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # checkpoint problems (CheckpointError is a RuntimeError)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except PipelineFailure as e:
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

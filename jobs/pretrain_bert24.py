@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step checkpoints kept besides the end-of-epoch ones")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in --checkpoint_dir")
+    g.add_argument("--max_failures", type=int, default=3,
+                   help="times a failed pipeline (a stage actor died or hung) is rebuilt from "
+                        "the newest checkpoint before the job gives up")
     g.add_argument("--stop_after_epoch", type=int, default=None,
                    help="exit after this epoch's checkpoint (a preemption at an epoch "
                         "boundary; continue with --resume)")
@@ -221,6 +224,21 @@ def plan_module_spec(args: argparse.Namespace, model_cfg) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # data
+
+
+def prepared_shards(args: argparse.Namespace) -> list[str] | None:
+    """If --train_path holds Parquet shards: all of them, each checked for the columns training
+    needs and for --max_seq_length. None if it is raw text (to be prepared)."""
+    from data.shards import check_shard, list_shards
+
+    path = Path(args.train_path)
+    if not (path.is_dir() and any(path.rglob("*.parquet"))):
+        return None
+    shards = list_shards([str(path)])
+    for shard in shards:
+        check_shard(shard)
+    check_shard_length(shards, args.max_seq_length)
+    return shards
 
 
 def shards_for(args: argparse.Namespace, log) -> list[str]:
@@ -339,17 +357,15 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if resume is not None:
         check_resume_matches(resume, args, partition, model_cfg)
 
+    prepared = prepared_shards(args)        # shards given: check them before anything starts
     if not ray.is_initialized():
         init_ray()
-    shards = shards_for(args, log)
+    shards = prepared if prepared is not None else shards_for(args, log)
     check_shard_length(shards, args.max_seq_length)
     stream_cfg = StreamConfig(shards=tuple(shards), train_batch_size=b, microbatches=m,
                               num_replicas=w, seed=args.seed, partitioned_data=args.partitioned_data,
                               on_memory=args.on_memory)
-    position = (DataPosition.from_dict(resume.extra["data_position"]) if resume is not None
-                else None)
-    stream = PretrainingStream(stream_cfg, position)
-    spe = stream.steps_per_epoch
+    spe = PretrainingStream(stream_cfg).steps_per_epoch
     samples_per_step = b * m * w
     if args.num_minibatches is not None:
         total = args.num_minibatches
@@ -375,25 +391,35 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         f"{partition.to_spec()} ({list(partition.layers_per_stage)} layers per stage), "
         f"{d} stages x {w} replicas, schedule {args.schedule}, m={m}, microbatch {b}, "
         f"{samples_per_step} sequences per update, {spe} updates per epoch")
-    t_start = time.time()
-    if resume is not None:
-        trainer = PipelineTrainer.from_checkpoint(str(resume.path), list(model.modules),
-                                                  model.loss_fn, optimizer, config=conf, **kwargs)
-        log(f"[pretrain] resumed from {resume.path} at step {trainer.step} "
-            f"(epoch {position.epoch}, step {position.step} of it)")
-    else:
-        init = load_hf_checkpoint(args.init_checkpoint, model) if args.init_checkpoint else None
-        trainer = PipelineTrainer(list(model.modules), model.loss_fn, conf, optimizer,
-                                  initial_state_dict=init, **kwargs)
-    log(f"[pretrain] {d * w} stage actors up in {time.time() - t_start:.1f} s")
-    try:
-        if args.num_minibatches is not None:
+    init = load_hf_checkpoint(args.init_checkpoint, model) if args.init_checkpoint else None
+
+    def start(ck):
+        """The data stream and the trainer, from checkpoint ``ck`` (None: from the start)."""
+        t0 = time.time()
+        if ck is None:
+            stream = PretrainingStream(stream_cfg)
+            trainer = PipelineTrainer(list(model.modules), model.loss_fn, conf, optimizer,
+                                      initial_state_dict=init, **kwargs)
+        else:
+            position = DataPosition.from_dict(ck.extra["data_position"])
+            stream = PretrainingStream(stream_cfg, position)
+            trainer = PipelineTrainer.from_checkpoint(str(ck.path), list(model.modules),
+                                                      model.loss_fn, optimizer, config=conf,
+                                                      **kwargs)
+            log(f"[pretrain] resumed from {ck.path} at step {trainer.step} "
+                f"(epoch {position.epoch}, step {position.step} of it)")
+        log(f"[pretrain] {d * w} stage actors up in {time.time() - t0:.1f} s")
+        return trainer, stream
+
+    if args.num_minibatches is not None:
+        trainer, stream = start(resume)
+        try:
             return throughput_mode(args, trainer, stream, total, samples_per_step, log)
-        return accuracy_mode(args, trainer, stream, total, spe, samples_per_step, lr_schedule,
-                             ckpt_dir, model_cfg, partition, log)
-    finally:
-        stream.close()
-        trainer.shutdown()
+        finally:
+            stream.close()
+            trainer.shutdown()
+    return accuracy_mode(args, start, resume, total, spe, samples_per_step, lr_schedule,
+                         ckpt_dir, model_cfg, partition, log)
 
 
 def check_resume_matches(resume, args, partition, model_cfg) -> None:
@@ -445,16 +471,60 @@ def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict
     return out
 
 
-def accuracy_mode(args, trainer, stream, total, spe, samples_per_step, lr_schedule, ckpt_dir,
+def accuracy_mode(args, start, resume, total, spe, samples_per_step, lr_schedule, ckpt_dir,
                   model_cfg, partition, log) -> dict[str, Any]:
+    """Train to ``total`` steps, checkpointing at epoch ends and every --checkpoint_every steps.
+    A failed stage replica (dead, hung, out of memory) stops the pipeline; it is rebuilt from the
+    newest complete checkpoint, up to --max_failures times, and training continues exactly
+    where that checkpoint left it."""
+    from pd2bw_ray import NonFiniteError, PipelineFailure
+    from pd2bw_ray.checkpoint import latest_checkpoint
+
     assert ckpt_dir is not None
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     jsonl = ckpt_dir / "train_log.jsonl"
-    progress = Progress(total, trainer.step, samples_per_step, args.log_every, log, spe,
-                        lambda t: args.learning_rate * lr_schedule(t), jsonl)
-    it = iter(stream)
     losses: list[float] = []
+    last_path = None
+    failures = 0
+    ck = resume
+    while True:
+        trim_log(jsonl, ck.step if ck is not None else 0)
+        trainer, stream = start(ck)
+        try:
+            progress = Progress(total, trainer.step, samples_per_step, args.log_every, log, spe,
+                                lambda t: args.learning_rate * lr_schedule(t), jsonl)
+            outcome = train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg,
+                                       partition, progress, losses, log)
+            last_path = outcome or last_path
+            break
+        except NonFiniteError as e:
+            good = latest_checkpoint(ckpt_dir, report=log)
+            log(f"[pretrain] stopped: {e}")
+            log(f"[pretrain] the last good checkpoint is "
+                f"{good.path if good is not None else '(none yet)'}; lower --learning_rate or "
+                "check the data, then continue with --resume")
+            raise
+        except PipelineFailure as e:
+            failures += 1
+            if failures > args.max_failures:
+                log(f"[pretrain] giving up after {failures} failures: {e}")
+                raise
+            ck = latest_checkpoint(ckpt_dir, report=log)
+            log(f"[pretrain] failure {failures} of at most {args.max_failures}: {e}")
+            log(f"[pretrain] restarting the pipeline from "
+                f"{ck.path if ck is not None else 'the initial weights'}")
+        finally:
+            stream.close()
+            trainer.shutdown()
+    return {"mode": "accuracy", "losses": losses, "checkpoint": last_path,
+            "final_loss": losses[-1] if losses else None, "failures": failures}
+
+
+def train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg, partition,
+                     progress, losses, log) -> str | None:
+    it = iter(stream)
     every = args.checkpoint_every or spe
+    first = start_step(stream, spe)
     last_path = None
     while trainer.step < total:
         step = trainer.step
@@ -462,7 +532,7 @@ def accuracy_mode(args, trainer, stream, total, spe, samples_per_step, lr_schedu
         stop = min(total, epoch_end, (step // every + 1) * every)
         losses += trainer.train(itertools.islice(it, stop - step), on_step=progress)
         at_epoch_end = trainer.step == epoch_end or trainer.step == total
-        position = stream.position_after(trainer.step - start_step(stream, spe))
+        position = stream.position_after(trainer.step - first)
         extra = {"epoch": (trainer.step - 1) // spe, "end_of_epoch": at_epoch_end,
                  "global_step": trainer.step, "data_position": position.to_dict(),
                  "module": partition.to_spec(), "layers_per_stage": list(
@@ -479,8 +549,17 @@ def accuracy_mode(args, trainer, stream, total, spe, samples_per_step, lr_schedu
             log(f"[pretrain] stopping after epoch {extra['epoch']} as asked "
                 f"(--stop_after_epoch); continue with --resume")
             break
-    return {"mode": "accuracy", "steps": trainer.step, "losses": losses,
-            "checkpoint": last_path, "final_loss": losses[-1] if losses else None}
+    return last_path
+
+
+def trim_log(jsonl: Path, step: int) -> None:
+    """Drop logged steps at or after ``step`` (they are about to be trained again after a
+    restart from the checkpoint of that step)."""
+    if not jsonl.exists():
+        return
+    keep = [line for line in jsonl.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] < step]
+    jsonl.write_text("".join(line + "\n" for line in keep))
 
 
 def start_step(stream, spe: int) -> int:
@@ -508,15 +587,23 @@ def prune_step_checkpoints(root: Path, keep: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job; exit status 2 for bad input, 1 if training failed. A local Ray started
+    here ends with the process."""
+    from pd2bw_ray import PipelineFailure
+    from pd2bw_ray.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except JobError as e:
+    except ValueError as e:   # JobError, ConfigError, StreamError, BertConfigError: bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:   # ConfigError, StreamError, BertConfigError, ... (bad input)
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PipelineFailure as e:
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

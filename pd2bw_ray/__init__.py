@@ -2,7 +2,7 @@
 
 from .config import ActorResources, CommConfig, ConfigError, PipelineConfig, StageOptions
 from .driver import PipelineTrainer
-from .executor import PipelineFailure
+from .executor import NonFiniteError, PipelineFailure
 
-__all__ = ["ActorResources", "CommConfig", "ConfigError", "PipelineConfig", "PipelineFailure",
+__all__ = ["ActorResources", "CommConfig", "ConfigError", "NonFiniteError", "PipelineConfig", "PipelineFailure",
            "PipelineTrainer", "StageOptions"]

@@ -30,7 +30,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 FORMAT = "pd2bw-checkpoint/1"
 STEP_PREFIX = "step-"

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import re
-import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -24,10 +23,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .actor import CommSetup, StageActor, StageSpec, plan_stages
+from .actor import CommSetup, StageActor, plan_stages
 from .collectives import ThreadHub
 from .config import (ActorResources, CommConfig, ConfigError, PipelineConfig, StageOptions)
-from .executor import ChunkResult, PipelineFailure
+from .executor import ChunkResult, NonFiniteError, PipelineFailure
 from .schedule import check_shape, step_actions
 from .stage import OptimizerFactory
 
@@ -73,7 +72,8 @@ class _ThreadPool(_Pool):
         failed = [(s, r, f) for s, r, f in calls if f.done() and f.exception() is not None]
         if failed:
             self.kill()
-            raise PipelineFailure("; ".join(_describe(f.exception()) for _, _, f in failed))
+            causes = [f.exception() for _, _, f in failed]
+            raise _failure_class(causes)("; ".join(_describe(c) for c in causes))
         return [f.result() for f in futs]
 
     def kill(self):
@@ -119,7 +119,7 @@ class _RayPool(_Pool):
 
         refs = [ref for _, _, ref in calls]
         ray.wait(refs, num_returns=len(refs), timeout=3.0)
-        deaths, errors = [], []
+        deaths, errors, causes = [], [], []
         for s, r, ref in calls:
             ready, _ = ray.wait([ref], timeout=0)
             if not ready:
@@ -131,8 +131,9 @@ class _RayPool(_Pool):
                 deaths.append(f"stage {s} replica {r} {how}: {_first_line(e)}")
             except Exception as e:  # noqa: BLE001
                 errors.append(_describe(e))
+                causes.append(e)
         self.kill()
-        raise PipelineFailure("; ".join(deaths + errors) or "a stage replica failed")
+        raise _failure_class(causes)("; ".join(deaths + errors) or "a stage replica failed")
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Graceful stop: let each actor close its threads and groups, then exit."""
@@ -171,6 +172,14 @@ def _first_line(e: BaseException) -> str:
         if m and not line.startswith("ray."):
             return f"{m.group(1)}:{m.group(2)}" if m.group(2) else m.group(1)
     return lines[0] if lines else type(e).__name__
+
+
+def _failure_class(causes) -> type[PipelineFailure]:
+    """NonFiniteError if any replica hit a NaN/inf (not worth a restart), else PipelineFailure."""
+    for c in causes:
+        if isinstance(getattr(c, "cause", None) or c, NonFiniteError):
+            return NonFiniteError
+    return PipelineFailure
 
 
 def _describe(e: BaseException | None) -> str:
@@ -243,7 +252,7 @@ class PipelineTrainer:
         self.comm = comm or CommConfig()
         self.local = local
         self.name = name or f"pd2bw-{uuid.uuid4().hex[:8]}"
-        d, w = config.num_stages, config.num_replicas
+        d = config.num_stages
         check_shape(schedule, d, self.num_microbatches)
         if not modules:
             raise ConfigError("modules is empty; pass the list of torch.nn.Module the pipeline "

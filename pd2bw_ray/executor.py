@@ -69,6 +69,10 @@ class PipelineFailure(RuntimeError):
     """Training stopped: the message names the stage, replica, step and cause."""
 
 
+class NonFiniteError(PipelineFailure):
+    """A loss or gradient was NaN or infinite. Deterministic: restarting would repeat it."""
+
+
 class StageExecutor:
     def __init__(self, stage: Stage, transport: Transport, reduce: ReduceSpec,
                  num_microbatches: int, timeout_s: float):
@@ -98,6 +102,8 @@ class StageExecutor:
             t0 = time.time()
             try:
                 self._execute(a, inputs, targets, result)
+            except _NonFinite as e:
+                raise NonFiniteError(f"{self.where}: {e}") from None
             except (CommError, StageError, PipelineFailure) as e:
                 raise PipelineFailure(str(e) if str(e).startswith(self.where)
                                       else f"{self.where}: {a}: {e}") from e
@@ -132,7 +138,7 @@ class StageExecutor:
                 loss = self.stage.forward(a.step, a.microbatch, a.version, x,
                                           _to_device(targets[key], self.stage.device))
                 if not math.isfinite(loss):
-                    raise StageError(
+                    raise _NonFinite(
                         f"the loss is {loss} at step {a.step} microbatch {a.microbatch}; training "
                         f"stopped (the newest weights are version {self.stage.newest_version}, "
                         "from before this step)")
@@ -210,7 +216,7 @@ class StageExecutor:
         norm = math.sqrt(float(sq)) if math.isfinite(float(sq)) else float("nan")
         if bad or not math.isfinite(norm):
             which = (f"parameters {bad[:5]}" if bad else "another stage's parameters")
-            raise StageError(f"non-finite gradient at step {step} ({which}); training stopped "
+            raise _NonFinite(f"non-finite gradient at step {step} ({which}); training stopped "
                              f"before applying it, the newest weights are still version "
                              f"{self.stage.newest_version}")
         return grads, clip_coefficient(norm, spec.max_grad_norm), norm
@@ -228,6 +234,10 @@ class StageExecutor:
     def close(self) -> None:
         self._reducer.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
+
+
+class _NonFinite(StageError):
+    """Raised inside the executor for a non-finite loss or gradient (see NonFiniteError)."""
 
 
 def _to_device(x: Any, device: torch.device) -> Any:

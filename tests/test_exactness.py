@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pd2bw_ray import ActorResources, PipelineConfig, PipelineTrainer
+from pd2bw_ray import PipelineConfig, PipelineTrainer
 from reference import reference_train
 
 D, M, STEPS, B, H = 3, 3, 6, 2, 5
