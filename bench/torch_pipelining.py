@@ -1,0 +1,216 @@
+"""The same stages under PyTorch's own pipelining: ``torch.distributed.pipelining.PipelineStage``
+with ``Schedule1F1B`` or ``ScheduleGPipe``, one spawned process per stage, GLOO (NCCL on GPUs).
+
+Each rank builds the workload's stage chain (same seed, same initial weights) and keeps its own
+stage, wrapped in a `MeteredStage` so its activations are counted as pd2bw-ray counts them. A
+step is ``schedule.step`` on the step's microbatches concatenated along the batch dimension (the
+schedule cuts them back into exactly the same microbatches), then, for weights tied across stages
+(BERT's word embedding and MLM decoder), an all-reduce of their gradients between the holders, as
+pd2bw-ray does, and ``optimizer.step()``. Torch's schedules flush the pipeline in every step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.activation_meter import ActivationMeter, MeteredStage
+from bench.measurement import Measurement, StageMemory, peak_rss_bytes
+from bench.single_process import as_args
+from bench.workloads import Microbatch, Workload, make_adam
+
+SCHEDULES = ("1F1B", "GPipe")
+
+
+class PackedTargetLoss(nn.Module):
+    """``loss_fn`` on targets that travel packed in one tensor: the schedule splits a step's
+    target along dim 0 and takes one tensor, so a tuple of targets (BERT's MLM labels and NSP
+    label) is flattened per sample and concatenated along dim 1 (`pack_targets`)."""
+
+    def __init__(self, loss_fn: nn.Module, shapes: list[tuple[int, ...]] | None):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.shapes = shapes     # per-sample shapes of the tuple's tensors; None: one tensor
+
+    def forward(self, output: Any, packed: torch.Tensor) -> torch.Tensor:
+        if self.shapes is None:
+            return self.loss_fn(output, packed)
+        parts, off = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            parts.append(packed[:, off:off + n].reshape(packed.shape[0], *shape))
+            off += n
+        return self.loss_fn(output, tuple(parts))
+
+
+def pack_targets(targets: Any) -> tuple[torch.Tensor, list[tuple[int, ...]] | None]:
+    if isinstance(targets, torch.Tensor):
+        return targets, None
+    shapes = [tuple(t.shape[1:]) for t in targets]
+    return torch.cat([t.reshape(t.shape[0], -1) for t in targets], dim=1), shapes
+
+
+def _batch(microbatches: list[Microbatch]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
+                                                    list[tuple[int, ...]] | None]:
+    """A step's inputs (concatenated per argument) and its packed targets."""
+    inputs = [as_args(x) for x, _ in microbatches]
+    args = tuple(torch.cat([mb[j] for mb in inputs]) for j in range(len(inputs[0])))
+    packed = [pack_targets(y) for _, y in microbatches]
+    return args, torch.cat([p for p, _ in packed]), packed[0][1]
+
+
+def _rank_main(rank: int, depth: int, port: int, workload: Workload, schedule: str,
+               warm: list[list[Microbatch]], timed: list[list[Microbatch]], threads: int,
+               device: str, results: Any) -> None:
+    try:
+        results.put((rank, _train_rank(rank, depth, port, workload, schedule, warm, timed,
+                                       threads, device)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        results.put((rank, traceback.format_exc()))
+
+
+def _train_rank(rank, depth, port, workload, schedule, warm, timed, threads, device):
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=depth, timeout=datetime.timedelta(seconds=300))
+    try:
+        chain = workload.chain(depth)
+        meter = ActivationMeter()
+        module = MeteredStage(chain.modules[rank], meter,
+                              holds_outputs=rank < depth - 1).to(dev)
+        meter.exclude(module)   # after .to(): on a GPU the weights moved
+        _, _, shapes = _batch(timed[0])
+        loss_fn = PackedTargetLoss(chain.loss_fn, shapes)
+        stage = PipelineStage(module, rank, depth, dev)
+        cls = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[schedule]
+        m = len(timed[0])
+        sched = cls(stage, n_microbatches=m, loss_fn=loss_fn)   # every rank: backward on all
+        optimizer = make_adam(list(module.named_parameters()))
+        ties = []   # (group, this rank's copy) for weights tied across stages
+        for group in chain.tied_parameters:
+            holders = sorted({int(name.split(".", 1)[0]) for name in group})
+            pg = dist.new_group(holders)       # every rank creates every group
+            mine = [n for n in group if int(n.split(".", 1)[0]) == rank]
+            if len(holders) > 1 and mine:
+                ties.append((pg, chain.parameter(mine[0])))
+        rss0 = peak_rss_bytes()
+        ends: list[float] = []
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        for i, microbatches in enumerate(list(warm) + list(timed)):
+            if i == len(warm):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                meter.reset_peak()
+                t0 = time.perf_counter()
+            args, target, _ = _batch(microbatches)
+            step_losses: list[torch.Tensor] = []
+            if rank == 0:
+                sched.step(*(a.to(dev) for a in args), return_outputs=False)
+            elif rank == depth - 1:
+                sched.step(target=target.to(dev), losses=step_losses, return_outputs=False)
+            else:
+                sched.step(return_outputs=False)
+            for pg, p in ties:
+                dist.all_reduce(p.grad, group=pg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= len(warm):
+                if step_losses:
+                    losses.append(sum(float(x.detach()) for x in step_losses) / m)
+                elif dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                ends.append(time.perf_counter() - t0)
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        optim = sum(v.numel() * v.element_size() for st in optimizer.state.values()
+                    for v in st.values() if isinstance(v, torch.Tensor))
+        out = {"ends": ends, "losses": losses,
+               "memory": StageMemory(rank, weights, optim, meter.peak_bytes,
+                                     meter.peak_in_flight, peak_rss_bytes() - rss0)}
+        if dev.type == "cuda":
+            out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(dev)
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(workload: Workload, depth: int, schedule: str, warm: list[list[Microbatch]],
+        timed: list[list[Microbatch]], threads_per_stage: int, device: str = "cpu",
+        timeout_s: float = 600.0) -> Measurement:
+    """Train ``warm`` then ``timed`` steps with ``depth`` spawned ranks; the first rank's step
+    end times give the throughput."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    env_before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_stage)   # inherited by the spawned ranks
+    try:
+        procs = [ctx.Process(target=_rank_main, name=f"torch-pp-rank{r}",
+                             args=(r, depth, port, workload, schedule, warm, timed,
+                                   threads_per_stage, device, results))
+                 for r in range(depth)]
+        for p in procs:
+            p.start()
+    finally:
+        if env_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_before
+    got: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < depth:
+            try:
+                rank, res = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"torch.distributed.pipelining {schedule}: ranks "
+                                   f"{sorted(set(range(depth)) - set(got))} did not report "
+                                   f"within {timeout_s:.0f} s") from None
+            if isinstance(res, str):
+                raise RuntimeError(f"torch.distributed.pipelining {schedule} rank {rank} "
+                                   f"failed:\n{res}")
+            got[rank] = res
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    last = got[depth - 1]
+    extra: dict[str, Any] = {}
+    if device == "cuda":
+        extra["cuda_peak_allocated"] = [got[r]["cuda_peak_allocated"] for r in range(depth)]
+    return Measurement(
+        workload=workload.name, variant=f"torch-{schedule}", framework="torch.distributed."
+        "pipelining", schedule=schedule, depth=depth, threads_total=threads_per_stage * depth,
+        num_microbatches=len(timed[0]), microbatch_size=getattr(workload, "microbatch_size", 1),
+        step_ends=tuple(got[0]["ends"]), call_seconds=got[0]["ends"][-1],
+        losses=tuple(last["losses"]), stages=tuple(got[r]["memory"] for r in range(depth)),
+        extra=extra)

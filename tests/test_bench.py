@@ -1,0 +1,91 @@
+"""The benchmark harness (bench/): its activation meter against hand-computed bytes and against
+the runtime's own accounting, and a seconds-long run that writes the table, JSON and chart."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bench.activation_meter import ActivationMeter, MeteredStage
+from bench.measurement import steady_period
+from bench.workloads import BertWorkload, make_adam
+from pd2bw_ray import PipelineConfig, PipelineTrainer
+
+
+def test_meter_counts_saved_tensors_inputs_and_outputs_until_backward():
+    meter = ActivationMeter()
+    stage = MeteredStage(nn.Sequential(nn.Linear(16, 64), nn.ReLU()), meter)
+    x = torch.randn(8, 16)
+    out = stage(x)
+    # Linear saves its input (8x16 floats; its weight is left out), ReLU its output (8x64),
+    # which is also the stage output: counted once.
+    assert meter.peak_bytes == 4 * (8 * 16 + 8 * 64)
+    assert meter.in_flight == 1
+    out2 = stage(torch.randn(8, 16))
+    assert meter.peak_bytes == 2 * 4 * (8 * 16 + 8 * 64) and meter.peak_in_flight == 2
+    out.sum().backward()
+    out2.sum().backward()
+    assert meter.live_bytes == 0 and meter.in_flight == 0
+
+
+def test_meter_agrees_with_the_runtime_on_bert_stages():
+    """The single-process and torch variants are metered by bench/activation_meter.py, ours by
+    the runtime's Stage: both must give the same bytes for the same microbatches in flight."""
+    workload = BertWorkload(config_path="configs/bert_config_tiny.json", microbatch_size=2,
+                            seq_length=16, partitions=())
+    chain = workload.chain(2)
+    (step,) = workload.steps(1, 2, seed=3)
+    trainer = PipelineTrainer(list(chain.modules), chain.loss_fn,
+                              PipelineConfig(list(chain.module_to_stage_map),
+                                             {"0": [0], "1": [1]}),
+                              make_adam, schedule="flush", num_microbatches=2,
+                              tied_parameters=[list(g) for g in chain.tied_parameters],
+                              local=True)
+    try:
+        trainer.train([step])
+        stats = trainer.stats()
+    finally:
+        trainer.shutdown()
+    chain = workload.chain(2)   # fresh weights: the same initialisation
+    meters = [ActivationMeter(), ActivationMeter()]
+    stages = [MeteredStage(mod, meter, holds_outputs=(s == 0))
+              for s, (mod, meter) in enumerate(zip(chain.modules, meters))]
+    outs = [stages[0](*x) for x, _ in step]          # stage 0 of 1F1B, d=2: 2 in flight
+    h, mask = outs[0]
+    stages[1](h.detach().requires_grad_(True), mask)  # stage 1: 1 in flight
+    for s in range(2):
+        assert stats[(s, 0)]["memory"]["peak_in_flight"] == meters[s].peak_in_flight == 2 - s
+        assert meters[s].peak_bytes == stats[(s, 0)]["memory"]["peak_stash"], s
+
+
+def test_steady_period_leaves_out_the_first_and_last_step():
+    # step 0 ends late (fill), the last step ends early (drain); steps in between take 2 s
+    assert steady_period([5.0, 7.0, 9.0, 11.0, 12.0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="at least 4"):
+        steady_period([1.0, 2.0, 3.0])
+
+
+def test_quick_run_writes_table_json_and_chart(ray_cluster, tmp_path):
+    from bench.pipeline_bench import main
+
+    paths = main(["--quick", "--variants", "single,2bw,torch-1f1b", "--tiny-depth", "2",
+                  "--out", str(tmp_path), "--name", "smoke"])
+    record = json.loads(open(paths["json"]).read())
+    got = {(m["workload"], m["variant"]): m for m in record["measurements"]}
+    assert set(got) == {("bert", "single-1t"), ("bert", "single-2t"), ("bert", "pd2bw-2bw"),
+                        ("bert", "torch-1F1B"), ("tiny", "single-1t"), ("tiny", "pd2bw-2bw"),
+                        ("tiny", "torch-1F1B")}
+    for m in got.values():
+        assert m["samples_per_s"] > 0 and len(m["step_ends"]) >= 4
+        assert all(x == x for x in m["losses"])    # finite: every variant trained
+    # 1F1B at d=2 holds d - s microbatches on stage s, in both runtimes
+    for variant in ("pd2bw-2bw", "torch-1F1B"):
+        assert [s["peak_in_flight"] for s in got[("bert", variant)]["stages"]] == [2, 1]
+        assert all(s["peak_activations"] > 0 for s in got[("bert", variant)]["stages"])
+    ratio = next(c for c in record["checks"] if "2bw / single process" in c["target"])
+    assert ratio["measured"] == pytest.approx(
+        got[("bert", "pd2bw-2bw")]["samples_per_s"] / got[("bert", "single-1t")]["samples_per_s"])
+    text = open(paths["md"]).read()
+    assert "## Targets" in text and "| pd2bw-2bw | pd2bw-ray | 2bw | 2 |" in text
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
