@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_gpus_per_replica", type=float, default=0.0)
     p.add_argument("--torch_threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--timeline", default=None, metavar="PATH",
+                   help="write the replicas' actions of the last 4 steps as PATH.json (Chrome "
+                        "trace, for ui.perfetto.dev) and PATH.png (timeline picture)")
     p.add_argument("--output_dir", default=None, help="where scores_<task>.json goes "
                                                        "(default: <checkpoint_path>/glue)")
     p.add_argument("--log_every", type=int, default=20)
@@ -208,6 +211,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         try:
             losses = trainer.train(steps, on_step=progress)
             state = trainer.state_dict()
+            if args.timeline:
+                tl = trainer.timeline(args.timeline, last_steps=4)
+                log(f"[glue] timeline: {tl['png']} (picture), {tl['trace']} (Chrome trace)")
         finally:
             trainer.shutdown()
         model.load_state_dict({k[len("0."):]: v for k, v in state.items()})

@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="throughput mode: where the metrics go (default: "
                         "<checkpoint_dir or runs>/throughput.json)")
     g.add_argument("--log_every", type=int, default=10, help="print progress every N steps")
+    g.add_argument("--timeline", default=None, metavar="PATH",
+                   help="write what each stage replica did in the last steps as PATH.json "
+                        "(Chrome trace, for ui.perfetto.dev) and PATH.png (pipeline picture)")
+    g.add_argument("--timeline_steps", type=int, default=4,
+                   help="steps shown by --timeline (the last ones trained)")
     g = p.add_argument_group("accepted for compatibility with the original launcher (ignored: "
                              "Ray places the actors)")
     for flag in LAUNCHER_FLAGS:
@@ -162,6 +167,8 @@ def check_args(args: argparse.Namespace) -> None:
     if len(modes) != 1:
         raise JobError("pass exactly one of --num_minibatches N (throughput) and "
                        "--num_train_epochs E (to accuracy)")
+    if args.timeline_steps < 1:
+        raise JobError(f"--timeline_steps must be >= 1, got {args.timeline_steps}")
     if args.num_minibatches is not None and args.num_minibatches < 1:
         raise JobError(f"--num_minibatches must be >= 1, got {args.num_minibatches}")
     if args.num_train_epochs is not None and not args.num_train_epochs > 0:
@@ -301,33 +308,36 @@ def iteration_times(log: dict, num_stages: int) -> list[float]:
 
 
 class Progress:
-    """One line per ``every`` steps: step, epoch, loss, lr, samples/s, ETA (plain lines, so it
-    reads the same in a terminal and in ``ray job logs``)."""
+    """Per step: a record in ``train_log.jsonl`` and the progress display (steps, epoch, loss,
+    lr, samples/s, ETA): a live bar in a terminal, plain lines every ``every`` steps in
+    ``ray job logs`` or a file (see ``pd2bw_ray.progress``)."""
 
     def __init__(self, total: int, first: int, samples_per_step: int, every: int, log,
                  steps_per_epoch: int | None = None, lr_fn=None, jsonl: Path | None = None):
-        self.total, self.first, self.samples = total, first, samples_per_step
-        self.every, self.log, self.spe, self.lr_fn = max(1, every), log, steps_per_epoch, lr_fn
-        self.t0 = time.time()
-        self.jsonl = jsonl
+        from pd2bw_ray.progress import ProgressBar
+
+        self.spe, self.lr_fn, self.jsonl = steps_per_epoch, lr_fn, jsonl
         self.last_loss = float("nan")
+        # a bar only where it can be redrawn: our own terminal; a log (or a caller's log
+        # function) gets lines
+        mode = "bar" if log is print and sys.stdout.isatty() else "lines"
+        self.bar = ProgressBar(max(0, total - first), first=first,
+                               samples_per_step=samples_per_step, every=every, desc="pretrain",
+                               file=sys.stdout, mode=mode, line=log)
 
     def __call__(self, step: int, loss: float) -> None:
         self.last_loss = loss
-        done = step + 1 - self.first
-        elapsed = time.time() - self.t0
-        rate = done * self.samples / elapsed if elapsed > 0 else 0.0
         lr = self.lr_fn(step) if self.lr_fn else None
         if self.jsonl is not None:
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss, "lr": lr,
                                     "time": time.time()}) + "\n")
-        if done % self.every == 0 or step + 1 == self.total:
-            eta = (self.total - step - 1) * elapsed / done if done else 0.0
-            epoch = f" epoch {step // self.spe}" if self.spe else ""
-            lr_s = f" lr {lr:.2e}" if lr is not None else ""
-            self.log(f"[pretrain] step {step + 1}/{self.total}{epoch} loss {loss:.4f}{lr_s} "
-                     f"{rate:.1f} samples/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        extra = " ".join(x for x in (f"epoch {step // self.spe}" if self.spe else "",
+                                     f"lr {lr:.2e}" if lr is not None else "") if x)
+        self.bar.update(step, loss, extra)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
@@ -437,8 +447,12 @@ def check_resume_matches(resume, args, partition, model_cfg) -> None:
 def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict[str, Any]:
     progress = Progress(total, trainer.step, samples_per_step, args.log_every, log)
     t0 = time.time()
-    losses = trainer.train(itertools.islice(iter(stream), total), on_step=progress)
+    try:
+        losses = trainer.train(itertools.islice(iter(stream), total), on_step=progress)
+    finally:
+        progress.close()
     wall = time.time() - t0
+    write_timeline(args, trainer, log)
     times = iteration_times(trainer.action_log(), trainer.num_stages)
     steady = times[len(times) // 4:] or times or [wall / max(1, len(losses))]
     mean_it = sum(steady) / len(steady)
@@ -493,8 +507,12 @@ def accuracy_mode(args, start, resume, total, spe, samples_per_step, lr_schedule
         try:
             progress = Progress(total, trainer.step, samples_per_step, args.log_every, log, spe,
                                 lambda t: args.learning_rate * lr_schedule(t), jsonl)
-            outcome = train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg,
-                                       partition, progress, losses, log)
+            try:
+                outcome = train_until_done(args, trainer, stream, total, spe, ckpt_dir,
+                                           model_cfg, partition, progress, losses, log)
+            finally:
+                progress.close()
+            write_timeline(args, trainer, log)
             last_path = outcome or last_path
             break
         except NonFiniteError as e:
@@ -544,12 +562,33 @@ def train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg, par
         log(f"[pretrain] checkpoint {last_path} (step {trainer.step}, "
             f"{'end of epoch ' + str(extra['epoch']) if at_epoch_end else 'mid-epoch'})")
         prune_step_checkpoints(ckpt_dir, args.keep_checkpoints)
+        draw_loss_curve(ckpt_dir, log)
         if (at_epoch_end and args.stop_after_epoch is not None
                 and extra["epoch"] >= args.stop_after_epoch and trainer.step < total):
             log(f"[pretrain] stopping after epoch {extra['epoch']} as asked "
                 f"(--stop_after_epoch); continue with --resume")
             break
     return last_path
+
+
+def draw_loss_curve(ckpt_dir: Path, log) -> None:
+    """``loss_curve.png`` next to the checkpoints, from ``train_log.jsonl`` (redrawn at every
+    checkpoint, so it is there while the run goes on)."""
+    from pd2bw_ray.timeline import draw_loss_curve as draw
+
+    jsonl = ckpt_dir / "train_log.jsonl"
+    if jsonl.exists() and jsonl.stat().st_size:
+        draw(jsonl, ckpt_dir / "loss_curve.png", title=f"pre-training loss ({ckpt_dir.name})")
+
+
+def write_timeline(args, trainer, log) -> None:
+    """--timeline PATH: the Chrome trace and the pipeline picture of the last train() call's
+    last --timeline_steps steps."""
+    if not args.timeline:
+        return
+    out = trainer.timeline(args.timeline, last_steps=args.timeline_steps)
+    log(f"[pretrain] timeline: {out['png']} (picture), {out['trace']} (Chrome trace: open it "
+        "in ui.perfetto.dev or chrome://tracing)")
 
 
 def trim_log(jsonl: Path, step: int) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from .collectives import GlooTransport, NcclTransport, ThreadHub, Topology, Transport
 from .config import ConfigError, PipelineConfig
 from .executor import ChunkResult, ReduceSpec, StageExecutor, TieSpec
+from .metrics import StageMetrics
 from .schedule import Action
 from .stage import OptimizerFactory, Stage, StageError
 
@@ -187,6 +188,7 @@ class StageActor:
                              f"{type(e).__name__}: {e}") from e
         self.executor: StageExecutor | None = None
         self.transport: Transport | None = None
+        self.metrics: StageMetrics | None = None
 
     @staticmethod
     def _build(spec, built, loss_fn, optimizer_factory, initial_state, device,
@@ -232,6 +234,8 @@ class StageActor:
             ReduceSpec(spec.stage, spec.replica, spec.num_stages, spec.num_replicas,
                        spec.max_grad_norm, spec.ties),
             spec.num_microbatches, spec.timeout_s)
+        if comm.backend != "thread":     # a Ray actor: its metrics reach the dashboard
+            self.metrics = StageMetrics(comm.world_name, spec.stage, spec.replica)
 
     def sync_weights(self) -> None:
         """Make replicas (from replica 0) and tied copies (from the group's first name) equal."""
@@ -249,7 +253,10 @@ class StageActor:
     def run(self, actions: Sequence[Action], inputs: Mapping | None = None,
             targets: Mapping | None = None) -> ChunkResult:
         assert self.executor is not None, "setup() first"
-        return self.executor.run(actions, inputs, targets)
+        result = self.executor.run(actions, inputs, targets)
+        if self.metrics is not None:
+            self.metrics.chunk(result.events, self.stage.memory, self.stage.lr)
+        return result
 
     def finish(self) -> None:
         assert self.executor is not None

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -27,6 +28,8 @@ from .actor import CommSetup, StageActor, plan_stages
 from .collectives import ThreadHub
 from .config import (ActorResources, CommConfig, ConfigError, PipelineConfig, StageOptions)
 from .executor import ChunkResult, NonFiniteError, PipelineFailure
+from .metrics import DriverMetrics, time_fractions
+from .progress import ProgressBar
 from .schedule import check_shape, step_actions
 from .stage import OptimizerFactory
 
@@ -198,6 +201,7 @@ class StepData:
 
     inputs: list[list[Any]]
     targets: list[list[Any]]
+    samples: int       # over all microbatches: the first dimension of each one's first tensor
 
 
 class PipelineTrainer:
@@ -284,6 +288,7 @@ class PipelineTrainer:
         self._events: dict[tuple[int, int], list[tuple[str, str, float, float]]] = {}
         self._ray_started = False
         self._pool: _Pool | None = None
+        self._metrics: DriverMetrics | None = None
         backend = self.comm.backend
         if backend == "auto":
             backend = "nccl" if self.resources.num_gpus > 0 else "gloo"
@@ -432,27 +437,37 @@ class PipelineTrainer:
                                   f"got {type(mb).__name__}")
             inputs[j % w].append(mb[0])
             targets[j % w].append(mb[1])
-        return StepData(inputs, targets)
+        return StepData(inputs, targets, sum(_batch_size(mb[0]) for mb in item))
 
     def train(self, steps: Iterable[Sequence[tuple[Any, Any]]],
-              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+              on_step: Callable[[int, float], None] | None = None,
+              progress: bool = False) -> list[float]:
         """Run one weight update per item of ``steps`` and return each step's mean loss.
 
         Each item holds ``num_microbatches * replicas`` (inputs, targets) microbatches; replica
         ``r`` takes items ``r::replicas``. Under 2bw the pipeline is not drained between steps,
         only at the end of the call, which changes nothing: training continues from the same
         state in the next call. ``on_step(step, loss)`` is called as each step's loss is known.
+        ``progress=True`` shows steps, samples/s, loss and ETA (a bar in a terminal or notebook,
+        plain lines in a log). Loss, samples/s and the update count also go to the Ray
+        dashboard's metrics (``pd2bw_*``, see ``pd2bw_ray.metrics``).
         """
         self._check_alive()
         assert self._pool is not None
         d, w, m = self.num_stages, self.num_replicas, self.num_microbatches
         first = self._next_step
+        total = len(steps) if hasattr(steps, "__len__") else None   # type: ignore[arg-type]
         it = iter(steps)
         cur = next(it, _END)
         outstanding: list[tuple[int, list]] = []    # (step, calls) not yet gathered
         losses: dict[int, list[float]] = {}
         reported: dict[int, float] = {}
+        samples: dict[int, int] = {}                # step -> samples in it
         events: dict[tuple[int, int], list] = {(s, r): [] for s in range(d) for r in range(w)}
+        if self._metrics is None and self._pool is not None and not self.local:
+            self._metrics = DriverMetrics(self.name)
+        bar: ProgressBar | None = None
+        t_call = time.time()
 
         def absorb(step_calls) -> None:
             results: list[ChunkResult] = self._gather(step_calls)
@@ -465,16 +480,29 @@ class PipelineTrainer:
                     reported[st] = sum(losses[st]) / (m * w)
                     if on_step is not None:
                         on_step(st, reported[st])
+                    if self._metrics is not None:
+                        elapsed = time.time() - t_call
+                        done = sum(samples.get(x, 0) for x in reported)
+                        self._metrics.step(st + 1, reported[st],
+                                           done / elapsed if elapsed > 0 else None)
+                    if bar is not None:
+                        bar.update(st, reported[st])
 
         if cur is _END:
             return []
         first_data = self._split(cur, first, 0)    # bad first step: nothing has started
+        if progress:
+            bar = ProgressBar(total, first=first, samples_per_step=first_data.samples,
+                              desc=self.name)
         try:
-            t, pending_error = self._stream(it, first_data, first, outstanding, absorb)
+            t, pending_error = self._stream(it, first_data, first, outstanding, absorb, samples)
         except BaseException:
             for _, calls in outstanding:
                 self._pool.discard(calls)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         self._all("finish")
         self._next_step = t
         self._events = events
@@ -486,7 +514,7 @@ class PipelineTrainer:
             raise PipelineFailure(f"no loss reported for steps {missing}")
         return [reported[st] for st in range(first, t)]
 
-    def _stream(self, it, data: StepData, first: int, outstanding, absorb
+    def _stream(self, it, data: StepData, first: int, outstanding, absorb, samples: dict
                 ) -> tuple[int, BaseException | None]:
         """Submit one chunk per stage replica for each step, a few steps ahead of the slowest
         replica. The next step is fetched and checked before the current chunk is submitted, so
@@ -502,6 +530,7 @@ class PipelineTrainer:
             except Exception as e:   # noqa: BLE001 - re-raised once the pipeline is drained
                 nxt, next_data, pending_error = _END, None, e
             is_last = nxt is _END
+            samples[t] = data.samples
             calls = []
             for s in range(d):
                 for r in range(w):
@@ -564,6 +593,30 @@ class PipelineTrainer:
         """The last train() call's executed actions per (stage, replica):
         ``(category, action, t_start, t_end)`` with wall-clock times."""
         return {k: list(v) for k, v in self._events.items()}
+
+    def timeline(self, path: str, last_steps: int | None = None) -> dict[str, str]:
+        """Export what each stage replica did in the last ``train()`` call: a Chrome trace
+        (open it in ui.perfetto.dev or chrome://tracing) and a PNG in the style of the 2BW
+        paper's pipeline figures. ``path`` names either file (``.json`` or ``.png``; the other
+        gets the sibling name) or, without a suffix, their common stem. ``last_steps`` keeps
+        only the actions of the call's last steps (a long call's picture stays readable).
+        Returns ``{"trace": ..., "png": ...}``."""
+        from pathlib import Path
+
+        from .timeline import draw_timeline, restrict_steps, write_chrome_trace
+
+        log = self.action_log()
+        if not any(log.values()):
+            raise ConfigError("no action log yet: call train() before timeline()")
+        if last_steps is not None:
+            log = restrict_steps(log, last_steps)
+        p = Path(path)
+        stem = p.with_suffix("") if p.suffix.lower() in (".json", ".png") else p
+        trace = write_chrome_trace(log, stem.with_name(stem.name + ".json"))
+        png = draw_timeline(log, stem.with_name(stem.name + ".png"),
+                            title=f"{self.name}: {self.schedule}, {self.num_stages} stages x "
+                                  f"{self.num_replicas} replicas, m={self.num_microbatches}")
+        return {"trace": str(trace), "png": str(png)}
 
     def stats(self, reset_peaks: bool = False) -> dict[tuple[int, int], dict[str, Any]]:
         """Per (stage, replica): memory (bytes: weights incl. the second version, gradients,
@@ -730,20 +783,19 @@ class PipelineTrainer:
         self.shutdown()
 
 
-def time_fractions(events: Sequence[tuple[str, str, float, float]]) -> dict[str, float]:
-    """Split an action log's wall span into compute / comm / wait / idle fractions (sum 1)."""
-    if not events:
-        return {"compute": 0.0, "comm": 0.0, "wait": 0.0, "idle": 0.0, "seconds": 0.0}
-    span = max(e[3] for e in events) - min(e[2] for e in events)
-    sums = {"compute": 0.0, "comm": 0.0, "wait": 0.0}
-    for cat, _, t0, t1 in events:
-        sums[cat] += t1 - t0
-    if span <= 0:
-        return {**{k: 0.0 for k in sums}, "idle": 0.0, "seconds": 0.0}
-    frac = {k: v / span for k, v in sums.items()}
-    frac["idle"] = max(0.0, 1.0 - sum(frac.values()))
-    frac["seconds"] = span
-    return frac
+def _batch_size(x: Any) -> int:
+    """Samples in a microbatch's inputs: the first dimension of the first tensor found (1 if
+    there is none)."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    if isinstance(x, Mapping):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            n = _batch_size(v)
+            if isinstance(v, (torch.Tensor, list, tuple, Mapping)):
+                return n
+    return 1
 
 
 def _key_order(key: str) -> tuple[int, str]:

@@ -9,7 +9,7 @@
 - ``draw_timeline``: a PNG in the style of the PipeDream-2BW paper's figures (stages as rows, time
   on x, forward and backward boxes coloured by microbatch);
 - ``draw_loss_curve``: loss (and learning rate) per step, from a list or ``train_log.jsonl``;
-- ``parse_action``: a label back into its ``Action``.
+- ``parse_action``: a label back into its ``Action``; ``restrict_steps``: a log's last steps.
 
 Times of different replicas are compared as they are: on one node they share a clock, across
 nodes they are only as aligned as the nodes' clocks.
@@ -51,6 +51,20 @@ def parse_action(label: str) -> Action:
         return Action(Kind.REDUCE, int(m[1]))
     raise ValueError(f"not an action label: {label!r}; expected e.g. 'F3.1@v2', 'B3.1@v2', "
                      "'RA3.1:0', 'SG3.1:1', 'R3' or 'U3->v4'")
+
+
+def restrict_steps(action_log: ActionLog, last_steps: int) -> dict[tuple[int, int], list]:
+    """The actions of the log's last ``last_steps`` steps (by the step each action belongs to)."""
+    if last_steps < 1:
+        raise ValueError(f"last_steps must be at least 1, got {last_steps}")
+    step_of = {}
+    for events in action_log.values():
+        for e in events:
+            if e[1] not in step_of:
+                step_of[e[1]] = parse_action(e[1]).step
+    newest = max(step_of.values(), default=0)
+    return {key: [e for e in events if step_of[e[1]] > newest - last_steps]
+            for key, events in action_log.items()}
 
 
 def _origin(action_log: ActionLog) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import textwrap
@@ -21,8 +22,14 @@ def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_
     out = tmp_path / "throughput.json"
     p = run(["jobs/pretrain_bert24.py", *TINY, "--train_path", shards, "--num_minibatches", 8,
              "--train_batch_size", 4, "--gradient_accumulation_steps", 2,
-             "--output_json", out])
+             "--output_json", out, "--timeline", tmp_path / "tl", "--timeline_steps", 2])
     assert "samples/s" in p.stdout
+    # --timeline: the last 2 steps as a Chrome trace and a picture
+    trace = json.loads((tmp_path / "tl.json").read_text())
+    computes = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["name"][0] in "FB"]
+    assert {e["args"]["step"] for e in computes} == {6, 7}
+    assert len(computes) == 2 * 2 * 2 * 2      # steps x stages x microbatches x (F, B)
+    assert (tmp_path / "tl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads(out.read_text())
     assert m["mode"] == "throughput" and m["iterations"] == 8
     assert len(m["iteration_times_s"]) == 7 and all(t > 0 for t in m["iteration_times_s"])
@@ -55,7 +62,15 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(shards, tmp_pat
     assert la == lb
 
 
-def start_head(tmp: Path, port: int, dash: int) -> subprocess.Popen:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(tmp: Path, port: int, dash: int, metrics: int) -> subprocess.Popen:
     """`ray start --head` on loopback, in its own temp dir (so that it can be cleaned up without
     `ray stop`, which would stop every Ray on the machine)."""
     e = env(PATH=f"{Path(PY).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
@@ -64,6 +79,11 @@ def start_head(tmp: Path, port: int, dash: int) -> subprocess.Popen:
         [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+         f"--metrics-export-port={metrics}",
+         # its own agent port: the default (52365) is taken while another Ray runs here, as
+         # the test session's own cluster does, and the job server then finds no agent
+         f"--dashboard-agent-listen-port={free_port()}",
+         '--system-config={"metrics_report_interval_ms": 1000}',
          f"--temp-dir={tmp}", "--disable-usage-stats"],
         env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -108,9 +128,63 @@ def submit(address: str, args: list, timeout: float = 600) -> str:
     return out
 
 
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The pd2bw metrics on a Ray metrics endpoint (Prometheus text): name -> [(labels, value)]."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, list] = {}
+    for line in text.splitlines():
+        m = re.match(r"(ray_pd2bw_\w+)\{(.*)\} (\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
+            out.setdefault(m[1], []).append((labels, float(m[3])))
+    return out
+
+
+WANTED = {"ray_pd2bw_loss", "ray_pd2bw_samples_per_second", "ray_pd2bw_weight_updates",
+          "ray_pd2bw_learning_rate", "ray_pd2bw_stage_time_fraction",
+          "ray_pd2bw_stage_memory_bytes"}
+
+
+def check_metrics(found: dict) -> None:
+    """Sane values of a 2-stage x 1-replica BERT pre-training run's metrics."""
+    (_, loss), = found["ray_pd2bw_loss"]
+    assert 0 < loss < 20, loss
+    (_, rate), = found["ray_pd2bw_samples_per_second"]
+    assert 0 < rate < 1e5, rate
+    (_, updates), = found["ray_pd2bw_weight_updates"]
+    assert updates >= 1 and updates == int(updates)
+    lrs = found["ray_pd2bw_learning_rate"]
+    assert {x["stage"] for x, _ in lrs} == {"0", "1"} and all(0 < v < 1e-2 for _, v in lrs)
+    fractions: dict[str, dict[str, float]] = {}
+    for labels, v in found["ray_pd2bw_stage_time_fraction"]:
+        assert 0.0 <= v <= 1.0, (labels, v)
+        fractions.setdefault(labels["stage"], {})[labels["kind"]] = v
+    assert set(fractions) == {"0", "1"}
+    for stage, kinds in fractions.items():
+        assert set(kinds) == {"compute", "comm", "wait", "idle"}, kinds
+        assert abs(sum(kinds.values()) - 1) < 0.2, (stage, kinds)   # recorded together
+        assert kinds["compute"] > 0.05, (stage, kinds)
+    memory: dict[str, dict[str, float]] = {}
+    for labels, v in found["ray_pd2bw_stage_memory_bytes"]:
+        memory.setdefault(labels["stage"], {})[labels["kind"]] = v
+    for stage, kinds in memory.items():
+        # 2bw: two versions of the stage's weights; AdamW: two moments of each parameter
+        assert kinds["weights"] > 100_000 and kinds["optimizer"] > 0.9 * kinds["weights"], kinds
+    runs = {labels["run"] for name in WANTED for labels, _ in found[name]}
+    assert len(runs) == 1, runs     # one trainer, its name on every metric
+
+
 def test_ray_job_submit_pretrain_then_finetune(shards, tmp_path):
+    """Against a real `ray start --head`: the pre-training job submitted with `ray job submit`
+    succeeds, shows progress in its logs and its metrics on the head's Prometheus endpoint
+    while it runs; then the fine-tuning job runs on its checkpoint and writes the scores."""
+    import threading
+
     tmp = Path(f"/tmp/pd2bw-head-{os.getpid()}")
-    head = start_head(tmp, 6493, 8293)
+    metrics_port = 8294
+    head = start_head(tmp, 6493, 8293, metrics_port)
     address = "http://127.0.0.1:8293"
     try:
         import urllib.error
@@ -128,10 +202,42 @@ def test_ray_job_submit_pretrain_then_finetune(shards, tmp_path):
                     raise AssertionError("ray start --head did not come up")
                 time.sleep(1)
         ckpt = tmp_path / "ckpt"
-        logs = submit(address, ["jobs/pretrain_bert24.py", *TINY, "--train_path", shards,
-                                "--num_train_epochs", 1, "--train_batch_size", 16,
-                                "--gradient_accumulation_steps", 2, "--checkpoint_dir", ckpt])
+        result: dict = {}
+
+        def pretrain():
+            try:
+                result["logs"] = submit(address, [
+                    "jobs/pretrain_bert24.py", *TINY, "--train_path", shards,
+                    "--num_train_epochs", 1, "--train_batch_size", 16,
+                    "--gradient_accumulation_steps", 2, "--checkpoint_dir", ckpt])
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                result["error"] = e
+
+        job = threading.Thread(target=pretrain)
+        job.start()
+        found: dict = {}
+        while job.is_alive():   # scrape while the job runs
+            try:
+                now = scrape(metrics_port)
+            except OSError:
+                now = {}
+            if WANTED <= set(now):
+                found = now
+                optimizer = [v for labels, v in now["ray_pd2bw_stage_memory_bytes"]
+                             if labels["kind"] == "optimizer"]
+                # past a few updates, and the stages have recorded since they made their
+                # optimizer state (a stage records at most once a second)
+                if now["ray_pd2bw_weight_updates"][0][1] >= 3 and all(optimizer):
+                    break
+            time.sleep(0.5)
+        job.join()
+        if "error" in result:
+            raise result["error"]
+        assert WANTED <= set(found), sorted(found)
+        check_metrics(found)
+        logs = result["logs"]
         assert "[pretrain] step" in logs and "end of epoch 0" in logs
+        assert (ckpt / "loss_curve.png").stat().st_size > 1000
         out = tmp_path / "glue"
         logs = submit(address, ["jobs/finetune_glue.py", "--data_dir", ROOT / "data/sample/glue",
                                 "--task_name", "SST-2", "--do_train", "--do_eval", "-m",

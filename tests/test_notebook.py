@@ -82,7 +82,9 @@ def test_notebook_runs_in_a_kernel(tmp_path, monkeypatch):
     for name in ("loss_curve.png", "timeline.png"):
         with Image.open(tmp_path / name) as img:
             assert img.format == "PNG" and img.width >= 600
-    assert (tmp_path / "trace.json").stat().st_size > 1000
+    assert (tmp_path / "timeline.json").stat().st_size > 1000
+    progress = outputs_text(code[3])    # the progress bar of train(..., progress=True)
+    assert "4/4" in progress and "samples/s" in progress and "loss" in progress, progress
     assert [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*")] == [8]
     print(f"notebook ran in {elapsed:.1f} s")
 

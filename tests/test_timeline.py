@@ -11,12 +11,12 @@ from torch import nn
 from pd2bw_ray import ActorResources, PipelineConfig, PipelineTrainer
 from pd2bw_ray.schedule import Action, Kind, stage_actions
 from pd2bw_ray.timeline import (chrome_trace, draw_loss_curve, draw_timeline, parse_action,
-                                read_train_log, write_chrome_trace)
+                                read_train_log, restrict_steps, write_chrome_trace)
 
 D, M, STEPS = 3, 4, 3
 
 
-def run_2bw(replicas: int, **kwargs):
+def run_2bw(replicas: int, timeline=None, **kwargs):
     torch.manual_seed(0)
     mods = [nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)]
     steps = [[(torch.randn(8, 16), torch.randn(8, 16)) for _ in range(M * replicas)]
@@ -27,7 +27,8 @@ def run_2bw(replicas: int, **kwargs):
                               schedule="2bw", num_microbatches=M, **kwargs)
     try:
         losses = trainer.train(steps)
-        return losses, trainer.action_log()
+        files = trainer.timeline(timeline) if timeline is not None else None
+        return losses, trainer.action_log(), files
     finally:
         trainer.shutdown()
 
@@ -88,7 +89,7 @@ def test_parse_action_inverts_str():
 
 
 def test_local_run_trace_and_timeline(tmp_path):
-    losses, log = run_2bw(replicas=2, local=True)
+    losses, log, _ = run_2bw(replicas=2, local=True)
     assert sorted(log) == [(s, r) for s in range(D) for r in range(2)]
     check_trace(write_chrome_trace(log, tmp_path / "trace.json"), replicas=2)
     assert chrome_trace(log) == json.loads((tmp_path / "trace.json").read_text())
@@ -97,9 +98,24 @@ def test_local_run_trace_and_timeline(tmp_path):
 
 
 def test_ray_run_trace_and_timeline(ray_cluster, tmp_path):
-    _, log = run_2bw(replicas=1, resources=ActorResources(num_cpus=0.5))
-    check_trace(write_chrome_trace(log, tmp_path / "trace.json"), replicas=1)
-    check_png(draw_timeline(log, tmp_path / "timeline.png"), 800, 200)
+    _, log, files = run_2bw(replicas=1, timeline=str(tmp_path / "run.png"),
+                            resources=ActorResources(num_cpus=0.5))
+    # trainer.timeline(path): the trace and the picture side by side
+    assert files == {"trace": str(tmp_path / "run.json"), "png": str(tmp_path / "run.png")}
+    check_trace(tmp_path / "run.json", replicas=1)
+    check_png(tmp_path / "run.png", 800, 200)
+
+
+def test_restrict_steps_keeps_the_last_steps():
+    _, log, _ = run_2bw(replicas=1, local=True)
+    last = restrict_steps(log, 1)
+    for key, events in last.items():
+        steps = {parse_action(e[1]).step for e in events}
+        assert steps == {STEPS - 1}, (key, steps)
+        assert [e for e in log[key] if parse_action(e[1]).step == STEPS - 1] == events
+    assert restrict_steps(log, STEPS) == {k: list(v) for k, v in log.items()}
+    with pytest.raises(ValueError, match="last_steps must be at least 1"):
+        restrict_steps(log, 0)
 
 
 def test_loss_curve_from_train_log(tmp_path):
