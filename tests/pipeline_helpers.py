@@ -1,4 +1,6 @@
-"""Modules for pipeline failure tests (importable by Ray workers: tests/ is on their path)."""
+"""Modules for pipeline failure tests (importable by Ray workers: tests/ is on their path).
+
+Each is an identity module that misbehaves from its (n+1)-th forward on."""
 
 import os
 import time
@@ -7,9 +9,7 @@ import torch
 from torch import nn
 
 
-class HangAfter(nn.Module):
-    """Identity that hangs forever on its (n+1)-th forward: a stage that stops answering."""
-
+class _FaultAfter(nn.Module):
     def __init__(self, n: int):
         super().__init__()
         self.n = n
@@ -17,40 +17,35 @@ class HangAfter(nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        if self.calls > self.n:
-            time.sleep(3600)
+        return self.fault(x) if self.calls > self.n else x
+
+    def fault(self, x):
+        raise NotImplementedError
+
+
+class HangAfter(_FaultAfter):
+    """Hangs forever: a stage that stops answering."""
+
+    def fault(self, x):
+        time.sleep(3600)
         return x
 
 
-class DieAfter(nn.Module):
-    """Identity whose process exits on its (n+1)-th forward: a stage actor that dies."""
+class DieAfter(_FaultAfter):
+    """Its process exits: a stage actor that dies."""
 
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls > self.n:
-            os._exit(1)
-        return x
+    def fault(self, x):
+        os._exit(1)
 
 
-class NanAfter(nn.Module):
-    """Identity that returns NaN from its (n+1)-th forward on: a diverged loss."""
+class NanAfter(_FaultAfter):
+    """Returns NaN: a diverged loss."""
 
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x * float("nan") if self.calls > self.n else x
+    def fault(self, x):
+        return x * float("nan")
 
 
-class _NanGrad(torch.autograd.Function):
+class _InfGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         return x.clone()
@@ -60,14 +55,8 @@ class _NanGrad(torch.autograd.Function):
         return g * float("inf")
 
 
-class NanGradAfter(nn.Module):
-    """Identity whose backward sends an infinite gradient from its (n+1)-th forward on."""
+class NanGradAfter(_FaultAfter):
+    """Its backward sends an infinite gradient."""
 
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return _NanGrad.apply(x) if self.calls > self.n else x
+    def fault(self, x):
+        return _InfGrad.apply(x)

@@ -137,3 +137,99 @@ def test_nan_in_a_job_keeps_the_last_good_checkpoint(ray_cluster, shards, tmp_pa
         assert all(torch.isfinite(v).all() for f in good.path.glob("stage*weights*")
                    for v in __import__("safetensors.torch").torch.load_file(f).values())
     assert not stage_actors(ray_cluster)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a message naming the problem, before any stage actor starts
+
+
+def _bad_inputs(tmp: Path, shards: Path) -> dict[str, tuple[list[str], str]]:
+    """case -> (pre-training flags replacing the good ones, expected message)."""
+    cfg = json.loads((ROOT / "configs" / "bert_config_demo.json").read_text())
+    vocab_lines = (ROOT / "data" / "sample" / "vocab.txt").read_text().splitlines()
+    (tmp / "bad_conf.json").write_text('{"module_to_stage_map": [0, 1, 1],\n'
+                                       ' "stage_to_rank_map": {"0": [0] "1": [1]}}\n')
+    (tmp / "bad_bert.json").write_text(json.dumps(cfg, indent=1)[:-3] + "\n")
+    (tmp / "no_mask_vocab.txt").write_text("\n".join(x for x in vocab_lines
+                                                     if x != "[MASK]") + "\n")
+    (tmp / "empty.txt").write_text("\n\n")
+    cols = tmp / "cols"
+    cols.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]]}),
+                   cols / "shard-00000.parquet")
+    return {
+        "missing train data": (["--train_path", str(tmp / "nowhere")],
+                               r"--train_path .*nowhere: no such file or directory"),
+        "vocab is a directory": (["--vocab_path", str(tmp)],
+                                 r"is a directory; pass --vocab_path with the vocab.txt file"),
+        "missing vocab": (["--vocab_path", str(tmp / "no_vocab.txt")],
+                          r"--vocab_path .*no_vocab.txt: no such file"),
+        "missing bert config": (["--bert_config_path", str(tmp / "no_bert.json")],
+                                r"--bert_config_path .*no_bert.json: no such file"),
+        "missing conf": (["--config_path", str(tmp / "no_conf.json")],
+                         r"--config_path .*no_conf.json: no such file"),
+        "malformed conf": (["--config_path", str(tmp / "bad_conf.json")],
+                           r"bad_conf.json:2:\d+: malformed JSON"),
+        "malformed bert config": (["--bert_config_path", str(tmp / "bad_bert.json")],
+                                  r"bad_bert.json:\d+:\d+: .*JSON"),
+        "vocab without [MASK]": (["--vocab_path", str(tmp / "no_mask_vocab.txt")],
+                                 r"no_mask_vocab.txt: vocab lacks the special token\(s\) \[MASK\]"),
+        "sequence too long": (["--max_seq_length", "4096"],
+                              r"--max_seq_length 4096 exceeds max_position_embeddings=\d+"),
+        "empty corpus": (["--train_path", str(tmp / "empty.txt")], r"empty.txt, read as lines\) has no documents with text"),
+        "shard without columns": (["--train_path", str(cols)],
+                                  r"shard-00000.parquet: shard lacks column\(s\) token_type_ids, "
+                                  r".*masked_lm_labels"),
+    }
+
+
+def _flags(base: list[str], override: list[str]) -> list[str]:
+    out = list(base)
+    for flag, value in zip(override[::2], override[1::2]):
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
+def test_bad_input_fails_before_any_stage_actor_starts(ray_cluster, shards, tmp_path):
+    from jobs.finetune_glue import build_parser as glue_parser
+    from jobs.finetune_glue import run as glue_run
+    from jobs.pretrain_bert24 import build_parser, run
+
+    ray = ray_cluster
+    base = RECOVERY + ["--train_path", str(shards), "--num_replicas", "1", "--checkpoint_dir",
+                       str(tmp_path / "ck")]
+    for case, (override, expect) in _bad_inputs(tmp_path, shards).items():
+        with pytest.raises(ValueError, match=expect) as err:
+            run(build_parser().parse_args(_flags(base, override)), log=lambda *_: None)
+        assert not stage_actors(ray), case
+        print(f"{case}: {err.value}")
+
+    # a checkpoint to resume and to fine-tune: 2 stages, 2 updates
+    good = run(build_parser().parse_args(base + ["--max_steps", "2"]), log=lambda *_: None)
+    assert good["checkpoint"]
+    from pd2bw_ray.checkpoint import CheckpointError
+
+    resume = _flags(base, ["--module", "models.bert4.depth=1"]) + ["--resume"]
+    with pytest.raises(ValueError, match=r"step-00000002 was trained with --module "
+                                         r"models.bert4.layers=2,2; this run asks for "
+                                         r"models.bert4.layers=4"):
+        run(build_parser().parse_args(resume), log=lambda *_: None)
+    assert not stage_actors(ray)
+
+    glue = ["--data_dir", str(ROOT / "data" / "sample" / "glue"), "--task_name", "SST-2",
+            "--do_train", "--do_eval", "--checkpoint_path", str(tmp_path / "ck"),
+            "--max_seq_length", "32", "--output_dir", str(tmp_path / "glue")]
+    for override, expect in [
+        (["--data_dir", str(tmp_path / "no_glue")], r"no_glue"),
+        (["--task_name", "SST-3"], r"SST-3.*(CoLA|SST-2)"),
+        (["--num_stages", "4"], r"--num_stages 4, but .* has 2"),
+    ]:
+        with pytest.raises((ValueError, CheckpointError), match=expect) as err:
+            glue_run(glue_parser().parse_args(_flags(glue, override)), log=lambda *_: None)
+        assert not stage_actors(ray), override
+        print(f"{override}: {err.value}")
