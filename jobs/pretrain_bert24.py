@@ -447,10 +447,14 @@ def check_resume_matches(resume, args, partition, model_cfg) -> None:
 def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict[str, Any]:
     progress = Progress(total, trainer.step, samples_per_step, args.log_every, log)
     t0 = time.time()
+    from data.wait_meter import WaitMeter
+
+    meter = WaitMeter(itertools.islice(iter(stream), total))
     try:
-        losses = trainer.train(itertools.islice(iter(stream), total), on_step=progress)
+        losses = trainer.train(meter, on_step=progress)
     finally:
         progress.close()
+    waits = meter.stats()
     wall = time.time() - t0
     write_timeline(args, trainer, log)
     times = iteration_times(trainer.action_log(), trainer.num_stages)
@@ -472,6 +476,8 @@ def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict
         "iteration_times_s": times, "mean_iteration_time_s": mean_it,
         "samples_per_second": samples_per_step / mean_it, "wall_time_s": wall,
         "losses": losses, "stages": stages, "placement": placement,
+        "data_wait": {"fraction": waits.wait_fraction, "wait_s": waits.wait_s,
+                      "max_wait_s": waits.max_wait_s, "first_wait_s": waits.first_wait_s},
     }
     path = Path(args.output_json or Path(args.checkpoint_dir or ROOT / "runs") /
                 "throughput.json")
@@ -481,6 +487,7 @@ def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict
         f"{out['samples_per_second']:.1f} samples/s; per stage (compute/comm/idle): "
         + ", ".join(f"{k}: {v['compute']:.2f}/{v['communication']:.2f}/{v['idle']:.2f}"
                     for k, v in stages.items()))
+    log(f"[pretrain] {waits}")
     log(f"[pretrain] metrics written to {path}")
     return out
 
@@ -540,7 +547,10 @@ def accuracy_mode(args, start, resume, total, spe, samples_per_step, lr_schedule
 
 def train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg, partition,
                      progress, losses, log) -> str | None:
-    it = iter(stream)
+    from data.wait_meter import WaitMeter
+
+    meter = WaitMeter(stream)     # how long the driver waits for the next step's data
+    it = iter(meter)
     every = args.checkpoint_every or spe
     first = start_step(stream, spe)
     last_path = None
@@ -568,6 +578,7 @@ def train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg, par
             log(f"[pretrain] stopping after epoch {extra['epoch']} as asked "
                 f"(--stop_after_epoch); continue with --resume")
             break
+    log(f"[pretrain] {meter.stats()}")
     return last_path
 
 

@@ -41,6 +41,7 @@ def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_
         assert st["compute"] + st["communication"] + st["idle"] == pytest.approx(1.0, abs=0.02)
         assert st["memory_bytes"]["weights"] > 0
     assert len({v["pid"] for v in m["placement"].values()}) == 2
+    assert 0 <= m["data_wait"]["fraction"] < 1 and "data wait" in p.stdout
 
 
 def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(shards, tmp_path):
