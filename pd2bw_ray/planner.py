@@ -887,10 +887,13 @@ def _microbatch_profile(b: int, got: Mapping[tuple[str, int, bool], _Measured],
                         act_bytes: int, grad_bytes: int) -> MicrobatchProfile:
     def part(kind: str, n: int) -> Part:
         plain, rc = got[kind, n, False], got[kind, n, True]
-        # with recomputation F + G' is what a recomputing stage measures for forward + backward
+        # with recomputation F + G' is what a recomputing stage measures for forward + backward;
+        # a difference of two timings, so clamp it at 0 (on a tiny model, where the true value
+        # is microseconds, timing noise can make it dip below)
         return Part(forward_s=plain.forward_s,
                     backward_s=plain.backward_s,
-                    recompute_backward_s=rc.forward_s + rc.backward_s - plain.forward_s,
+                    recompute_backward_s=max(rc.forward_s + rc.backward_s - plain.forward_s,
+                                             0.0),
                     stash_bytes=plain.stash_bytes, recompute_stash_bytes=rc.stash_bytes)
 
     def less(a: Part, b: Part) -> Part:

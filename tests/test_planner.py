@@ -364,3 +364,25 @@ def test_the_command_writes_conf_and_job_flags(tiny_profile, tmp_path, capsys):
     assert f"--train_batch_size {plan['chosen']['microbatch_size']}" in flags
     assert plan_main(args + ["--memory_per_worker", "1KiB"]) == 2
     assert "no configuration fits" in capsys.readouterr().err
+
+
+def test_timing_noise_never_makes_a_negative_time():
+    """Per-layer and recomputation times are differences of measured times; where the true value
+    is ~0, noise can make the difference negative. The profile clamps them at 0 (a measured
+    recomputing stage faster than the plain forward once crashed the profiler)."""
+    from pd2bw_ray.planner import _Measured, _microbatch_profile
+
+    got = {}
+    for kind in KINDS:
+        for n in (1, 2):
+            got[kind, n, False] = _Measured(forward_s=1e-3 * n, backward_s=2e-3 * n,
+                                            stash_bytes=100 * n)
+            # recomputation measured faster than the plain forward: noise
+            got[kind, n, True] = _Measured(forward_s=2e-4, backward_s=3e-4, stash_bytes=10)
+    mp = _microbatch_profile(1, got, act_bytes=64, grad_bytes=64)
+    for kind in KINDS:
+        for part in (mp.base[kind], mp.layer[kind]):
+            assert part.recompute_backward_s == 0.0
+            assert part.forward_s >= 0 and part.backward_s >= 0
+        assert mp.layer[kind].forward_s == pytest.approx(1e-3)
+        assert mp.layer[kind].stash_bytes == 100
