@@ -463,6 +463,7 @@ class PipelineTrainer:
         losses: dict[int, list[float]] = {}
         reported: dict[int, float] = {}
         samples: dict[int, int] = {}                # step -> samples in it
+        done_samples = [0]                          # samples of the steps reported so far
         events: dict[tuple[int, int], list] = {(s, r): [] for s in range(d) for r in range(w)}
         if self._metrics is None and self._pool is not None and not self.local:
             self._metrics = DriverMetrics(self.name)
@@ -481,10 +482,10 @@ class PipelineTrainer:
                     if on_step is not None:
                         on_step(st, reported[st])
                     if self._metrics is not None:
+                        done_samples[0] += samples.get(st, 0)
                         elapsed = time.time() - t_call
-                        done = sum(samples.get(x, 0) for x in reported)
                         self._metrics.step(st + 1, reported[st],
-                                           done / elapsed if elapsed > 0 else None)
+                                           done_samples[0] / elapsed if elapsed > 0 else None)
                     if bar is not None:
                         bar.update(st, reported[st])
 
@@ -792,9 +793,8 @@ def _batch_size(x: Any) -> int:
         x = list(x.values())
     if isinstance(x, (list, tuple)):
         for v in x:
-            n = _batch_size(v)
             if isinstance(v, (torch.Tensor, list, tuple, Mapping)):
-                return n
+                return _batch_size(v)
     return 1
 
 
