@@ -12,23 +12,33 @@ A ``Transport`` is what a stage executor talks to. Three implementations:
 - ``NcclTransport`` (GPU actors): ``ray.util.collective`` NCCL groups (cupy), one per group.
 - ``ThreadTransport``: stages as threads of one process (tests, debugging), no sockets.
 
-Messages: an activation is a tuple of tensors of any dtype and shape, so it travels as a fixed-size
-int64 header (count, dtypes, shapes) and one packed byte payload. A gradient message has the layout
-of the floating outputs it answers, which the receiver knows, so it is only the payload.
-Receiving runs in the background (one ``Inbox`` thread per incoming link): the executor registers
-the messages it will need as soon as it knows them and finds them already there when it needs them.
+Messages: an activation is a tuple of tensors of any dtype and shape, so it travels with a
+fixed-size int64 header (kind, count, dtypes, shapes) in front of one packed byte payload. A
+gradient message has the layout of the floating outputs it answers, which the receiver knows, so
+it is only the payload.
+
+GLOO sends an activation as one message, header and payload together, when its layout is the
+previous one on that link (always, once a run is going): both ends remember the last layout of
+each link, so the receiver knows the size to receive. When the layout changes (or on a link's
+first message) the header comes in a message of the size the receiver expects, marked "payload
+follows", and the payload in a second one. GLOO receives are posted as soon as the executor knows
+them (``dist.irecv``) and completed by GLOO's own thread, so a message that arrives early lands
+in place and nothing in Python runs until the executor needs it. NCCL receives block, so the NCCL
+transport receives in the background instead (one ``Inbox`` thread per incoming link), header and
+payload as two messages.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import queue
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -39,6 +49,9 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 HEADER_LEN = 256
+HEADER_BYTES = HEADER_LEN * 8
+HEADER_SEPARATE = 0x2B3   # header magic: the payload follows in the next message
+HEADER_INLINE = 0x2B4     # header magic: the payload follows in the same message
 _MAX_DIMS = 8
 _PER_TENSOR = 2 + _MAX_DIMS
 MAX_TENSORS = (HEADER_LEN - 2) // _PER_TENSOR
@@ -61,23 +74,35 @@ def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
         n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    size = _ITEMSIZE.get(dtype)
+    return n * (size if size is not None else torch.empty((), dtype=dtype).element_size())
 
 
-def _offsets(layout: Layout) -> tuple[list[int], int]:
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _DTYPES}
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets_of(layout: tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+                ) -> tuple[tuple[int, ...], int]:
     offsets, off = [], 0
     for dt, shape in layout:
         offsets.append(off)
         off += -(-_nbytes(dt, shape) // _ALIGN) * _ALIGN
-    return offsets, off
+    return tuple(offsets), off
 
 
-def encode_header(layout: Layout, device: torch.device | str = "cpu") -> torch.Tensor:
+def _offsets(layout: Layout) -> tuple[tuple[int, ...], int]:
+    return _offsets_of(tuple(layout))
+
+
+@functools.lru_cache(maxsize=256)
+def _header_of(layout: tuple[tuple[torch.dtype, tuple[int, ...]], ...], inline: bool
+               ) -> torch.Tensor:
     if len(layout) > MAX_TENSORS:
         raise CommError(f"a stage output has {len(layout)} tensors; at most {MAX_TENSORS} can "
                         "travel between stages (pack them into fewer tensors)")
-    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    h[0] = 0x2B3  # magic: catches a header/payload mix-up
+    h = [0] * HEADER_LEN
+    h[0] = HEADER_INLINE if inline else HEADER_SEPARATE
     h[1] = len(layout)
     for j, (dt, shape) in enumerate(layout):
         if dt not in _DTYPE_CODE:
@@ -87,33 +112,47 @@ def encode_header(layout: Layout, device: torch.device | str = "cpu") -> torch.T
         base = 2 + j * _PER_TENSOR
         h[base] = _DTYPE_CODE[dt]
         h[base + 1] = len(shape)
-        for k, s in enumerate(shape):
-            h[base + 2 + k] = s
-    return h.to(device)
+        h[base + 2: base + 2 + len(shape)] = shape
+    return torch.tensor(h, dtype=torch.int64)
 
 
-def decode_header(h: torch.Tensor) -> Layout:
+def encode_header(layout: Layout, device: torch.device | str = "cpu", inline: bool = False
+                  ) -> torch.Tensor:
+    """The int64 header describing ``layout``; ``inline``: the payload follows in the same
+    message (otherwise in the next one). Do not modify the result (it is cached)."""
+    h = _header_of(tuple(layout), inline)
+    return h if torch.device(device).type == "cpu" else h.to(device)
+
+
+def decode_header(h: torch.Tensor) -> tuple[Layout, bool]:
+    """The layout a header describes, and whether its payload is in the same message."""
     h = h.cpu().tolist()
-    if h[0] != 0x2B3:
+    if h[0] not in (HEADER_SEPARATE, HEADER_INLINE):
         raise CommError("received a malformed activation header (stages out of step?)")
     layout = []
     for j in range(h[1]):
         base = 2 + j * _PER_TENSOR
         ndim = h[base + 1]
         layout.append((_DTYPES[h[base]], tuple(h[base + 2: base + 2 + ndim])))
-    return layout
+    return layout, h[0] == HEADER_INLINE
 
 
-def pack(tensors: Sequence[torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
-    """All tensors' bytes in one uint8 buffer (each aligned to 16 bytes)."""
+def pack(tensors: Sequence[torch.Tensor], device: torch.device | str | None = None,
+         header: torch.Tensor | None = None) -> torch.Tensor:
+    """All tensors' bytes in one uint8 buffer (each aligned to 16 bytes), after ``header``'s
+    bytes if one is given."""
     layout = layout_of(tensors)
     offsets, total = _offsets(layout)
     dev = device if device is not None else (tensors[0].device if tensors else "cpu")
-    buf = torch.empty(total, dtype=torch.uint8, device=dev)
+    start = 0 if header is None else HEADER_BYTES
+    buf = torch.empty(start + total, dtype=torch.uint8, device=dev)
+    if header is not None:
+        buf[:start].view(torch.int64).copy_(header)
     for t, off in zip(tensors, offsets):
         n = t.numel() * t.element_size()
         if n:
-            buf[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+            buf[start + off:start + off + n].copy_(
+                t.detach().contiguous().reshape(-1).view(torch.uint8))
     return buf
 
 
@@ -247,6 +286,20 @@ class Transport(ABC):
         """Stop background threads."""
 
 
+def comm_failure(err: BaseException, where: str, what: str, peer: str, timeout_s: float
+                 ) -> CommError:
+    """A receive's failure as the error the user sees: which stage waited for what from whom,
+    and the likely cause."""
+    text = str(err)
+    if "Timed out" in text or "timed out" in text:
+        return CommError(f"{where}: no {what} from {peer} within {timeout_s:.0f} s "
+                         f"(is that stage hung?)")
+    if "Connection closed" in text or "Connection reset" in text:
+        return CommError(f"{where}: the connection to {peer} closed while waiting for {what} "
+                         f"(did that stage die?)")
+    return CommError(f"{where}: receiving {what} from {peer} failed: {err}")
+
+
 class Inbox:
     """Messages of one incoming link, received by a background thread in registration order."""
 
@@ -279,14 +332,7 @@ class Inbox:
             if tag in self._done:
                 return self._done.pop(tag)
             err = self._error
-        text = str(err)
-        if "Timed out" in text or "timed out" in text:
-            raise CommError(f"{where}: no {what} from {peer} within {self._timeout_s:.0f} s "
-                            f"(is that stage hung?)") from err
-        if "Connection closed" in text or "Connection reset" in text:
-            raise CommError(f"{where}: the connection to {peer} closed while waiting for {what} "
-                            f"(did that stage die?)") from err
-        raise CommError(f"{where}: receiving {what} from {peer} failed: {err}") from err
+        raise comm_failure(err, where, what, peer, self._timeout_s) from err
 
     def _pump(self) -> None:
         while True:
@@ -405,7 +451,8 @@ class ThreadTransport(Transport):
 
 
 class _ProcessTransport(Transport):
-    """Shared part of the GLOO and NCCL transports: inboxes for incoming links."""
+    """A transport whose receives block (NCCL): ``Inbox`` threads receive each incoming link in
+    the background; an activation travels as a header message and a payload message."""
 
     def __init__(self, topology, stage, replica, timeout_s, device: torch.device):
         super().__init__(topology, stage, replica, timeout_s)
@@ -432,7 +479,7 @@ class _ProcessTransport(Transport):
         if layout is None:
             header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
             self._recv_raw(peer_stage, kind, header, tag)
-            layout = decode_header(header)
+            layout, _ = decode_header(header)
         payload = torch.empty(payload_size(layout), dtype=torch.uint8, device=self.device)
         self._recv_raw(peer_stage, kind, payload, tag | 1)
         return unpack(payload, layout)
@@ -458,12 +505,24 @@ class _ProcessTransport(Transport):
             box.close()
 
 
-class GlooTransport(_ProcessTransport):
-    """CPU transport: GLOO process groups with a per-group timeout (see module docstring)."""
+@dataclass
+class _IncomingActivations:
+    """The receiving end of one GLOO activation link: tags registered and not yet taken (in
+    order), the receive posted for the first of them, and the layout its message will have if
+    unchanged (the last one received; None before the first)."""
+
+    expected: deque = field(default_factory=deque)
+    posted: tuple[int, Any, torch.Tensor] | None = None     # (tag, work, buffer)
+    layout: Layout | None = None
+
+
+class GlooTransport(Transport):
+    """CPU transport: GLOO process groups with a per-group timeout, asynchronous receives posted
+    ahead, no threads of its own (see the module docstring for the message protocol)."""
 
     def __init__(self, topology: Topology, stage: int, replica: int, timeout_s: float,
                  world_name: str):
-        super().__init__(topology, stage, replica, timeout_s, torch.device("cpu"))
+        super().__init__(topology, stage, replica, timeout_s)
         import torch.distributed as dist
         from ray.util import collective as col
 
@@ -478,21 +537,40 @@ class GlooTransport(_ProcessTransport):
             if self.rank in ranks:
                 self._groups[name] = pg
         self._pending: deque = deque()
+        self._sent_layout: dict[int, Layout] = {}                 # peer stage -> last act layout
+        self._incoming: dict[int, _IncomingActivations] = {}      # peer stage -> act link
+        self._grads: dict[tuple[int, int], tuple[Any, torch.Tensor, Layout]] = {}
+
+    # ---------------------------------------------------------------- sending
 
     def _reap(self) -> None:
         while self._pending and self._pending[0][0].is_completed():
             self._pending.popleft()
 
-    def _send_raw(self, peer_stage, kind, tensor, tag):
-        self._reap()
-        dst = self.topology.rank(peer_stage, self.replica)
-        work = self._dist.isend(tensor, dst=dst, group=self._groups[self.link(peer_stage, kind)],
-                                tag=tag)
-        self._pending.append((work, tensor, peer_stage))
+    def _isend(self, peer_stage: int, kind: str, buf: torch.Tensor, tag: int) -> None:
+        work = self._dist.isend(buf, dst=self.topology.rank(peer_stage, self.replica),
+                                group=self._groups[self.link(peer_stage, kind)], tag=tag)
+        self._pending.append((work, buf, peer_stage))
 
-    def _recv_raw(self, peer_stage, kind, tensor, tag):
-        src = self.topology.rank(peer_stage, self.replica)
-        self._dist.recv(tensor, src=src, group=self._groups[self.link(peer_stage, kind)], tag=tag)
+    def send(self, peer_stage, kind, tag, tensors):
+        self._reap()
+        if kind != "act":
+            self._isend(peer_stage, kind, pack(tensors), tag | 1)
+            return
+        layout = layout_of(tensors)
+        last = self._sent_layout.get(peer_stage)
+        if layout == last:
+            self._isend(peer_stage, kind, pack(tensors, header=encode_header(layout, inline=True)),
+                        tag)
+            return
+        # The receiver expects a message of the last layout's size: the new header goes in one
+        # of that size, the payload after it.
+        first = torch.zeros(HEADER_BYTES + (payload_size(last) if last is not None else 0),
+                            dtype=torch.uint8)
+        first[:HEADER_BYTES].view(torch.int64).copy_(encode_header(layout))
+        self._isend(peer_stage, kind, first, tag)
+        self._isend(peer_stage, kind, pack(tensors), tag | 1)
+        self._sent_layout[peer_stage] = layout
 
     def wait_sends(self):
         while self._pending:
@@ -503,6 +581,72 @@ class GlooTransport(_ProcessTransport):
                 raise CommError(f"{self.where}: sending to {self.peer_name(peer)} failed: "
                                 f"{e}") from e
 
+    # ---------------------------------------------------------------- receiving
+
+    def _irecv(self, peer_stage: int, kind: str, buf: torch.Tensor, tag: int):
+        return self._dist.irecv(buf, src=self.topology.rank(peer_stage, self.replica),
+                                group=self._groups[self.link(peer_stage, kind)], tag=tag)
+
+    def _wait(self, work, peer_stage: int, what: str) -> None:
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise comm_failure(e, self.where, what, self.peer_name(peer_stage),
+                               self.timeout_s) from e
+
+    def _post_activation(self, peer_stage: int, link: _IncomingActivations) -> None:
+        tag = link.expected[0]
+        size = HEADER_BYTES + (payload_size(link.layout) if link.layout is not None else 0)
+        buf = torch.empty(size, dtype=torch.uint8)
+        link.posted = (tag, self._irecv(peer_stage, "act", buf, tag), buf)
+
+    def expect(self, peer_stage, kind, tag, layout):
+        if kind == "act":
+            link = self._incoming.setdefault(peer_stage, _IncomingActivations())
+            link.expected.append(tag)
+            if link.posted is None:
+                self._post_activation(peer_stage, link)
+            return
+        if layout is None:
+            raise CommError(f"{self.where}: a {kind} message needs its layout")
+        buf = torch.empty(payload_size(layout), dtype=torch.uint8)
+        self._grads[(peer_stage, tag)] = (self._irecv(peer_stage, kind, buf, tag | 1), buf,
+                                          layout)
+
+    def take(self, peer_stage, kind, tag, what):
+        if kind != "act":
+            if (peer_stage, tag) not in self._grads:
+                raise CommError(f"{self.where}: {what} was never expected (schedule bug)")
+            work, buf, layout = self._grads.pop((peer_stage, tag))
+            self._wait(work, peer_stage, what)
+            return unpack(buf, layout)
+        link = self._incoming.get(peer_stage)
+        if link is None or not link.expected or link.expected[0] != tag:
+            raise CommError(f"{self.where}: {what} is not the next activation expected from "
+                            f"{self.peer_name(peer_stage)} (schedule bug)")
+        assert link.posted is not None and link.posted[0] == tag
+        _, work, buf = link.posted
+        self._wait(work, peer_stage, what)
+        layout, inline = decode_header(buf[:HEADER_BYTES].view(torch.int64))
+        if inline:
+            if layout != link.layout:
+                raise CommError(f"{self.where}: {what} from {self.peer_name(peer_stage)} came "
+                                f"with layout {layout}, expected {link.layout} (stages out of "
+                                "step?)")
+            tensors = unpack(buf[HEADER_BYTES:], layout)
+        else:
+            payload = torch.empty(payload_size(layout), dtype=torch.uint8)
+            self._wait(self._irecv(peer_stage, "act", payload, tag | 1), peer_stage, what)
+            tensors = unpack(payload, layout)
+            link.layout = layout
+        link.expected.popleft()
+        link.posted = None
+        if link.expected:
+            self._post_activation(peer_stage, link)
+        return tensors
+
+    # ---------------------------------------------------------------- collectives
+
     def allreduce(self, group, tensor):
         self._dist.all_reduce(tensor, group=self._groups[group])
 
@@ -510,7 +654,6 @@ class GlooTransport(_ProcessTransport):
         self._dist.broadcast(tensor, src=src_rank, group=self._groups[group])
 
     def close(self):
-        super().close()
         try:
             from ray.util import collective as col
             col.destroy_collective_group(self._world_name)

@@ -67,6 +67,29 @@ def test_2bw_never_drains_between_steps_and_calls_split_anywhere(ray_cluster):
     assert all(v == [5, 6] for v in versions.values()), versions
 
 
+def test_activations_whose_shapes_change_between_microbatches(ray_cluster):
+    """GLOO sends an activation with its header in one message while the link's layout stays
+    the same; here the microbatch size changes within and across steps (grows, shrinks, comes
+    back), so both ends must switch to the two-message form and back at the same microbatch."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [[2, 2, 2], [2, 5, 5], [1, 5, 2], [2, 2, 2], [3, 3, 1], [1, 1, 1]]
+    steps = [[(torch.randn(b, 5, generator=g, dtype=torch.float64),
+               torch.randn(b, 5, generator=g, dtype=torch.float64)) for b in step]
+             for step in sizes]
+    trainer = PipelineTrainer(mlp(), nn.MSELoss(), conf(1), OPTIMIZERS["adam"], schedule="2bw",
+                              num_microbatches=M, resources=RES)
+    try:
+        losses = trainer.train(steps[:4]) + trainer.train(steps[4:])
+        state = trainer.state_dict()
+    finally:
+        trainer.shutdown()
+    ref_losses, ref = reference_train(mlp(), nn.MSELoss(), steps, schedule="2bw",
+                                      optimizer_factory=OPTIMIZERS["adam"])
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10,
+                               atol=1e-12)
+    assert_matches(state, ref)
+
+
 def test_replicas_and_tied_copies_stay_bit_identical(ray_cluster):
     steps = make_steps(2)
     trainer = PipelineTrainer(mlp(), nn.MSELoss(), conf(2), OPTIMIZERS["adam"], schedule="2bw",
