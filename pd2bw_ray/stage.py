@@ -3,9 +3,10 @@
 A plain class, no Ray and no communication: the executor feeds it received activations and
 gradients and sends what it returns. Tested in-process against single-process references.
 
-Weight versions live in two *slots* of leaf tensors. A forward runs the stage's modules with
-``torch.func.functional_call`` on the slot holding the microbatch's version, and the autograd graph
-keeps references to exactly those tensors, so a microbatch's backward uses the version of its
+Weight versions live in two *slots* of leaf tensors. A forward runs the stage's modules with their
+parameters pointing at the slot holding the microbatch's version (repointed only when the version
+changes, which consecutive microbatches rarely do), and the autograd graph keeps references to
+exactly those tensors, so a microbatch's backward uses the version of its
 forward (weight stashing) without copying weights. An update writes the new version into the slot
 not holding the newest one; the schedule guarantees no microbatch in flight still uses it.
 
@@ -24,7 +25,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
@@ -191,6 +191,13 @@ class Stage:
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
+        # (module owning the parameter, its attribute name, canonical name) for _bind
+        self._param_owners: list[tuple[nn.Module, str, str]] = []
+        for k in self.module_ids:
+            for local, canon in self._module_param_names[k]:
+                prefix, _, leaf = local.rpartition(".")
+                self._param_owners.append((self.modules[k].get_submodule(prefix), leaf, canon))
+        self._bound: Mapping[str, torch.Tensor] | None = None
         self._stash: dict[tuple[int, int], _Stashed] = {}
         self._grads: dict[int, dict[str, torch.Tensor | None]] = {}
         self.peak_stash_bytes = 0
@@ -238,8 +245,15 @@ class Stage:
         raise StageError(f"stage {self.stage}: weight version {version} is not held (holds "
                          f"{self.versions()}); the schedule and the stage disagree")
 
-    def _call_params(self, slot: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-        return {local: slot[canon] for local, canon in self._module_param_names[k]}
+    def _bind(self, slot: Mapping[str, torch.Tensor]) -> None:
+        """Point every module parameter at ``slot``'s tensor (tied names at the shared one).
+        Like ``torch.func.functional_call`` without restoring afterwards: the modules keep the
+        slot's tensors until a forward (or a recomputation) needs the other slot."""
+        if self._bound is slot:
+            return
+        for owner, leaf, canon in self._param_owners:
+            owner._parameters[leaf] = slot[canon]
+        self._bound = slot
 
     def named_weights(self, version: int | None = None) -> dict[str, torch.Tensor]:
         """Parameters (all names, tied aliases included) and buffers of a version (newest)."""
@@ -255,8 +269,9 @@ class Stage:
 
     def _run_chain(self, slot: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> tuple:
         x: Any = inputs
+        self._bind(slot)
         for k in self.module_ids:
-            x = functional_call(self.modules[k], self._call_params(slot, k), as_tuple(x))
+            x = self.modules[k](*as_tuple(x))
         return as_tuple(x)
 
     def _autocast(self):
