@@ -34,7 +34,9 @@ from .schedule import check_shape, step_actions
 from .stage import OptimizerFactory
 
 _END = object()
-LOOKAHEAD_STEPS = 2   # chunks submitted ahead of the oldest unfinished step
+LOOKAHEAD_CHUNKS = 2      # chunks submitted ahead of the oldest unfinished one
+CHUNK_SECONDS = 0.1       # short steps are grouped into chunks of about this duration ...
+MAX_STEPS_PER_CHUNK = 16  # ... of at most this many steps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +287,7 @@ class PipelineTrainer:
 
         self._next_step = 0
         self._failed: str | None = None
+        self._step_seconds: float | None = None    # measured wall time per step (chunk sizing)
         self._events: dict[tuple[int, int], list[tuple[str, str, float, float]]] = {}
         self._ray_started = False
         self._pool: _Pool | None = None
@@ -472,22 +475,26 @@ class PipelineTrainer:
 
         def absorb(step_calls) -> None:
             results: list[ChunkResult] = self._gather(step_calls)
+            fresh: set[int] = set()
             for (s, r, _), res in zip(step_calls, results):
                 events[(s, r)].extend(res.events)
                 for st, _, loss in res.losses:
                     losses.setdefault(st, []).append(loss)
-            for st in sorted(losses):
-                if st not in reported and len(losses[st]) == m * w:
-                    reported[st] = sum(losses[st]) / (m * w)
+                    fresh.add(st)
+            for st in sorted(fresh):
+                if len(losses[st]) == m * w:
+                    reported[st] = sum(losses.pop(st)) / (m * w)
                     if on_step is not None:
                         on_step(st, reported[st])
+                    done_samples[0] += samples.get(st, 0)
+                    elapsed = time.time() - t_call
                     if self._metrics is not None:
-                        done_samples[0] += samples.get(st, 0)
-                        elapsed = time.time() - t_call
                         self._metrics.step(st + 1, reported[st],
                                            done_samples[0] / elapsed if elapsed > 0 else None)
                     if bar is not None:
                         bar.update(st, reported[st])
+            if reported:
+                self._step_seconds = (time.time() - t_call) / len(reported)
 
         if cur is _END:
             return []
@@ -517,41 +524,64 @@ class PipelineTrainer:
 
     def _stream(self, it, data: StepData, first: int, outstanding, absorb, samples: dict
                 ) -> tuple[int, BaseException | None]:
-        """Submit one chunk per stage replica for each step, a few steps ahead of the slowest
-        replica. The next step is fetched and checked before the current chunk is submitted, so
-        a bad or failing next step ends the call with a clean drain (returned as the error to
-        raise afterwards). Returns the index after the last trained step."""
+        """Submit chunks of consecutive steps to every stage replica, a couple of chunks ahead of
+        the slowest replica. A chunk holds one step, or as many as take about
+        ``CHUNK_SECONDS`` (short steps: the cost of a driver call is per chunk). The step after
+        a chunk is fetched and checked before the chunk is submitted, so a bad or failing next
+        step ends the call with a clean drain (returned as the error to raise afterwards).
+        Returns the index after the last trained step."""
         assert self._pool is not None
         d, w, m = self.num_stages, self.num_replicas, self.num_microbatches
         t, pending_error = first, None
-        while True:
+        ahead: StepData | None = data     # the next step, fetched and checked
+
+        def fetch(step: int) -> StepData | None:
+            nonlocal pending_error
             try:
                 nxt = next(it, _END)
-                next_data = None if nxt is _END else self._split(nxt, t + 1, t + 1 - first)
+                return None if nxt is _END else self._split(nxt, step, step - first)
             except Exception as e:   # noqa: BLE001 - re-raised once the pipeline is drained
-                nxt, next_data, pending_error = _END, None, e
-            is_last = nxt is _END
-            samples[t] = data.samples
+                pending_error = e
+                return None
+
+        while ahead is not None:
+            chunk: list[StepData] = []
+            size = self._steps_per_chunk()
+            while ahead is not None and len(chunk) < size:
+                chunk.append(ahead)
+                ahead = fetch(t + len(chunk))
             calls = []
             for s in range(d):
                 for r in range(w):
-                    acts = step_actions(self.schedule, s, d, m, t, first, is_last)
-                    inputs = ({(t, i): data.inputs[r][i] for i in range(m)} if s == 0 else None)
-                    targets = ({(t, i): data.targets[r][i] for i in range(m)}
-                               if s == d - 1 else None)
-                    calls.append((s, r, self._pool.call(s, r, "run", acts, inputs, targets)))
+                    acts, inputs, targets = [], {}, {}
+                    for j, step_data in enumerate(chunk):
+                        st = t + j
+                        acts += step_actions(self.schedule, s, d, m, st, first,
+                                             ahead is None and j == len(chunk) - 1)
+                        if s == 0:
+                            inputs.update({(st, i): step_data.inputs[r][i] for i in range(m)})
+                        if s == d - 1:
+                            targets.update({(st, i): step_data.targets[r][i] for i in range(m)})
+                    calls.append((s, r, self._pool.call(s, r, "run", acts, inputs or None,
+                                                        targets or None)))
+            for j, step_data in enumerate(chunk):
+                samples[t + j] = step_data.samples
             outstanding.append((t, calls))
-            while len(outstanding) > LOOKAHEAD_STEPS:
+            t += len(chunk)
+            while len(outstanding) > LOOKAHEAD_CHUNKS:
                 absorb(outstanding[0][1])
                 outstanding.pop(0)
-            t += 1
-            if is_last:
-                break
-            data = next_data
         while outstanding:
             absorb(outstanding[0][1])
             outstanding.pop(0)
         return t, pending_error
+
+    def _steps_per_chunk(self) -> int:
+        """Steps per driver call: as many as take ``CHUNK_SECONDS`` by the step time measured
+        so far (one until a step was timed)."""
+        if not self._step_seconds:
+            return 1
+        return max(1, min(MAX_STEPS_PER_CHUNK, int(CHUNK_SECONDS / self._step_seconds)))
 
     # ------------------------------------------------------------------ inspection
 
