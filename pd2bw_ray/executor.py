@@ -200,15 +200,19 @@ class StageExecutor:
                     off += n
         for t in sorted(spec.ties, key=lambda t: t.group):
             self.transport.allreduce(t.group, grads[names.index(t.name)])
+        # Per-tensor norms (one pass over each gradient, no float64 copy; low-precision
+        # gradients in float32), squared and summed in float64: torch's clip_grad_norm_ math.
+        counted = [(n, g) for n, g in zip(names, grads)
+                   if not (n in tied and not tied[n].counts_in_norm)]
         sq = torch.zeros((), dtype=torch.float64)
-        bad = []
-        for n, g in zip(names, grads):
-            if n in tied and not tied[n].counts_in_norm:
-                continue
-            s = g.detach().double().pow(2).sum().cpu()
-            if not torch.isfinite(s):
-                bad.append(n)
-            sq += s
+        bad: list[str] = []
+        if counted:
+            norms = torch.stack([
+                torch.linalg.vector_norm(g.detach(), dtype=torch.float32 if g.dtype in (
+                    torch.float16, torch.bfloat16) else None).double()
+                for _, g in counted]).cpu()
+            bad = [n for (n, _), v in zip(counted, norms.tolist()) if not math.isfinite(v)]
+            sq = norms.pow(2).sum()
         if spec.max_grad_norm is not None and spec.num_stages > 1:
             total = sq.reshape(1).to(grads[0].device if grads else "cpu")
             self.transport.allreduce(f"pipeline:{spec.replica}", total)
