@@ -1,9 +1,11 @@
 """The driver: ``PipelineTrainer`` validates a pipeline, starts its stage actors and streams steps.
 
-For each step the driver computes every stage's chunk of actions (``schedule.step_actions``) and
-hands it, with the step's inputs (first stage) and targets (last stage), to each stage replica.
-Actors execute whole chunks and talk to each other directly; the driver only submits chunks a
-couple of steps ahead, so that a 2bw pipeline never waits for it, and collects losses.
+For each step the driver computes every stage's actions (``schedule.step_actions``) and hands
+them, with the step's inputs (first stage) and targets (last stage), to each stage replica as a
+chunk: one step, or several consecutive steps when steps are short (a chunk is about
+``CHUNK_SECONDS`` of work, so the cost of a Ray call is paid per chunk, not per step). Actors
+execute whole chunks and talk to each other directly; the driver only submits chunks a couple
+ahead, so that a 2bw pipeline never waits for it, and collects losses.
 
 Stage replicas run as Ray actors (``local=False``, the default) or as objects on threads of this
 process (``local=True``: same code, in-process transport, no Ray; for tests and debugging).
