@@ -22,6 +22,7 @@ from .executor import ChunkResult, ReduceSpec, StageExecutor, TieSpec
 from .metrics import StageMetrics
 from .schedule import Action
 from .stage import OptimizerFactory, Stage, StageError
+from .wire import from_wire
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class StageActor:
     def run(self, actions: Sequence[Action], inputs: Mapping | None = None,
             targets: Mapping | None = None) -> ChunkResult:
         assert self.executor is not None, "setup() first"
-        result = self.executor.run(actions, inputs, targets)
+        result = self.executor.run(actions, from_wire(inputs), from_wire(targets))
         if self.metrics is not None:
             self.metrics.chunk(result.events, self.stage.memory, self.stage.lr)
         return result

@@ -34,10 +34,11 @@ from .metrics import DriverMetrics, time_fractions
 from .progress import ProgressBar
 from .schedule import check_shape, step_actions
 from .stage import OptimizerFactory
+from .wire import to_wire
 
 _END = object()
 LOOKAHEAD_CHUNKS = 2      # chunks submitted ahead of the oldest unfinished one
-CHUNK_SECONDS = 0.1       # short steps are grouped into chunks of about this duration ...
+CHUNK_SECONDS = 0.25      # short steps are grouped into chunks of about this duration ...
 MAX_STEPS_PER_CHUNK = 16  # ... of at most this many steps
 
 
@@ -564,8 +565,9 @@ class PipelineTrainer:
                             inputs.update({(st, i): step_data.inputs[r][i] for i in range(m)})
                         if s == d - 1:
                             targets.update({(st, i): step_data.targets[r][i] for i in range(m)})
-                    calls.append((s, r, self._pool.call(s, r, "run", acts, inputs or None,
-                                                        targets or None)))
+                    calls.append((s, r, self._pool.call(s, r, "run", acts,
+                                                        to_wire(inputs) or None,
+                                                        to_wire(targets) or None)))
             for j, step_data in enumerate(chunk):
                 samples[t + j] = step_data.samples
             outstanding.append((t, calls))
