@@ -33,30 +33,38 @@ class WireTensor:
         return (WireTensor, (self.array,))
 
 
-def to_wire(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        if x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES and x.layout == torch.strided:
-            return WireTensor(x.detach().resolve_conj().resolve_neg().numpy())
-        return x
+def _map(x: Any, leaf) -> Any:
+    """``leaf`` applied to every non-container in tuples (not named tuples), lists and dicts."""
     if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(to_wire(v) for v in x)
+        return tuple(_map(v, leaf) for v in x)
     if isinstance(x, list):
-        return [to_wire(v) for v in x]
+        return [_map(v, leaf) for v in x]
     if isinstance(x, dict):
-        return {k: to_wire(v) for k, v in x.items()}
+        return {k: _map(v, leaf) for k, v in x.items()}
+    return leaf(x)
+
+
+def _tensor_to_wire(x: Any) -> Any:
+    if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES
+            and x.layout == torch.strided):
+        return WireTensor(x.detach().resolve_conj().resolve_neg().numpy())
     return x
 
 
-def from_wire(x: Any) -> Any:
+def _wire_to_tensor(x: Any) -> Any:
     if isinstance(x, WireTensor):
         a = x.array
         # Buffers Ray hands over are read-only; torch warns on those, and a stage may write
         # into its inputs, so those are copied (small: inputs and targets of microbatches).
         return torch.from_numpy(a if a.flags.writeable else a.copy())
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(from_wire(v) for v in x)
-    if isinstance(x, list):
-        return [from_wire(v) for v in x]
-    if isinstance(x, dict):
-        return {k: from_wire(v) for k, v in x.items()}
     return x
+
+
+def to_wire(x: Any) -> Any:
+    """``x`` with its CPU tensors as `WireTensor`."""
+    return _map(x, _tensor_to_wire)
+
+
+def from_wire(x: Any) -> Any:
+    """Inverse of `to_wire`."""
+    return _map(x, _wire_to_tensor)
