@@ -249,9 +249,10 @@ def write_report(rows, profile, network_measured, cluster, chosen, candidates, m
         "versions, optimizer state. Timing is where the model can be wrong: stages before the "
         "last are profiled in 1F1B order (a backward after the next forward) and with both "
         "cores busy; without either, predictions were 10-25% optimistic on this machine. The "
-        "remaining optimism of the 2-stage configurations (about 10%) is what the model leaves "
-        "out: the runtime's per-action work beyond `Stage` (packing, receiving threads, the "
-        "reducer thread's gradient norm) on the same core.",
+        "remaining optimism of the 2-stage configurations (8-18%) is what the model leaves "
+        "out: the runtime's per-action work beyond `Stage` (packing and posting messages, the "
+        "reducer thread) on the same core, and waiting on message latency where 1F1B leaves "
+        "no slack.",
         "",
         "Not in the comparison: the model's gradient term (`2 P_s`: step t's gradients wait for "
         "their all-reduce and update while step t+1's accumulate) and its recomputation working "
