@@ -6,9 +6,9 @@ gradients and sends what it returns. Tested in-process against single-process re
 Weight versions live in two *slots* of leaf tensors. A forward runs the stage's modules with their
 parameters pointing at the slot holding the microbatch's version (repointed only when the version
 changes, which consecutive microbatches rarely do), and the autograd graph keeps references to
-exactly those tensors, so a microbatch's backward uses the version of its
-forward (weight stashing) without copying weights. An update writes the new version into the slot
-not holding the newest one; the schedule guarantees no microbatch in flight still uses it.
+exactly those tensors, so a microbatch's backward uses the version of its forward (weight
+stashing) without copying weights. An update writes the new version into the slot not holding the
+newest one; the schedule guarantees no microbatch in flight still uses it.
 
 Gradients are accumulated per step, not per slot: under 2bw steps 0 and 1 both run on ``W(0)``
 (``W(-1) = W(0)``) and their backwards interleave, so each backward accumulates into its own step's
