@@ -49,7 +49,9 @@ class _Stashed:
     step: int
     version: int
     inputs: list[torch.Tensor]            # floating inputs that need a gradient (stage > 0)
-    outputs: list[torch.Tensor] = field(default_factory=list)  # floating outputs with grad
+    # One entry per floating output sent downstream, in order (the gradient message's layout);
+    # None where that output needs no gradient, so received gradients pair by position.
+    outputs: list[torch.Tensor | None] = field(default_factory=list)
     loss: torch.Tensor | None = None       # last stage: the scaled loss
     nbytes: int = 0                        # activation memory it holds (unique storages)
 
@@ -317,7 +319,7 @@ class Stage:
                 raise StageError(f"stage {self.stage}: module {self.module_ids[-1]} returned a "
                                  f"{type(o).__name__}; stage outputs must be tensors or tuples "
                                  "of tensors")
-        entry.outputs = [o for o in out if is_float(o) and o.requires_grad]
+        entry.outputs = [o if o.requires_grad else None for o in out if is_float(o)]
         self._remember(key, entry, saved, list(inputs) + list(out))
         return tuple(o.detach() for o in out)
 
@@ -358,14 +360,15 @@ class Stage:
                 if output_grads is None:
                     raise StageError(f"stage {self.stage}: backward needs output gradients")
                 # output_grads has one entry per floating output; keep those that need grad.
-                outs, grads = [], []
                 float_outs = entry.outputs
-                if len(output_grads) < len(float_outs):
+                if len(output_grads) != len(float_outs):
                     raise StageError(f"stage {self.stage}: got {len(output_grads)} output "
-                                     f"gradients for {len(float_outs)} outputs")
+                                     f"gradients for {len(float_outs)} floating outputs")
+                outs, grads = [], []
                 for o, g in zip(float_outs, output_grads):
-                    outs.append(o)
-                    grads.append(g.to(o.device, o.dtype))
+                    if o is not None:
+                        outs.append(o)
+                        grads.append(g.to(o.device, o.dtype))
                 if outs:
                     torch.autograd.backward(outs, grads)
         finally:
