@@ -37,10 +37,9 @@ COLUMNS = TOKEN_COLUMNS + ("next_sentence_label",)
 IGNORE_INDEX = -100  # masked_lm_labels value of a position that is not predicted
 
 #: One microbatch as the trainer takes it: ``(inputs, targets)`` with
-#: inputs = (input_ids, token_type_ids, attention_mask), each int64 [b, L], and
-#: targets = (masked_lm_labels int64 [b, L], next_sentence_label int64 [b]).
-Microbatch = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                   tuple[torch.Tensor, torch.Tensor]]
+#: inputs = (input_ids, token_type_ids, attention_mask, masked_lm_labels), each int64 [b, L],
+#: and targets = (masked_lm_labels int64 [b, L], next_sentence_label int64 [b]).
+Microbatch = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ShardError(ValueError):
@@ -121,7 +120,10 @@ def table_to_microbatch(table: pa.Table) -> Microbatch:
     if nsp.null_count:
         raise ShardError(f"column next_sentence_label has {nsp.null_count} null row(s)")
     nsp_t = torch.from_numpy(np.array(nsp.to_numpy(zero_copy_only=False), dtype=np.int64))
-    return ((cols["input_ids"], cols["token_type_ids"], cols["attention_mask"]),
+    # the labels are also the first stage's fourth input: the last stage scores only the
+    # labelled positions (stages.bert's masked-only MLM head)
+    return ((cols["input_ids"], cols["token_type_ids"], cols["attention_mask"],
+             cols["masked_lm_labels"]),
             (cols["masked_lm_labels"], nsp_t))
 
 

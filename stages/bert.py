@@ -2,11 +2,22 @@
 
 ``transformers.BertForPreTraining`` is cut, unchanged, into one `BertStage` per pipeline stage:
 
-    stage 0     BertEmbeddings + BertLayer x n_0     (input_ids, token_type_ids, mask) -> (h, mask)
-    stage s     BertLayer x n_s                      (h, mask) -> (h, mask)
+    stage 0     BertEmbeddings + BertLayer x n_0     (input_ids, token_type_ids, mask[, labels])
+                                                     -> (h, mask[, labels])
+    stage s     BertLayer x n_s                      (h, mask[, labels]) -> (h, mask[, labels])
     stage D-1   BertLayer x n_{D-1} + BertPooler + BertPreTrainingHeads
-                                                     (h, mask) -> (prediction_scores, nsp_scores)
-    loss        BertPretrainingLoss((prediction_scores, nsp_scores), (mlm_labels, nsp_labels))
+                                                     (h, mask[, labels]) -> (mlm_scores, nsp_scores)
+    loss        BertPretrainingLoss((mlm_scores, nsp_scores), (mlm_labels, nsp_labels))
+
+**Masked-only MLM head.** In training the MLM labels travel with the inputs (a fourth input of the
+first stage, passed on like the mask: ``b x seq`` int64, small beside the hidden states). The last
+stage then gathers the labelled positions (label != -100) before the prediction transform and the
+decoder, as NVIDIA's BERT and Megatron do, so ``mlm_scores`` is ``[labelled positions, vocab]``
+instead of ``[b, seq, vocab]``: the decoder, the largest matmul of the model, runs on about 15% of
+the positions, and the logits kept for backward shrink by the same factor. The number of labelled
+positions varies per microbatch. Without labels (three inputs) the last stage scores every
+position, ``[b, seq, vocab]``, as ``BertForPreTraining`` does; the loss takes either and is
+``BertForPreTraining``'s loss in both cases.
 
 The 2-D padding mask (int64, 1 = token, 0 = padding) travels between stages with the hidden states;
 each stage turns it into the mask its attention implementation wants with transformers' own
@@ -44,6 +55,7 @@ from stages.partition import BertPartition, PartitionError
 
 WORD_EMBEDDING = "embeddings.word_embeddings.weight"
 MLM_DECODER_WEIGHT = "cls.predictions.decoder.weight"
+IGNORE_INDEX = -100       # masked_lm_labels of a position that is not predicted
 
 
 class BertStage(nn.Module):
@@ -77,18 +89,20 @@ class BertStage(nn.Module):
         span = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
         return f"{span}, embeddings={self.is_first}, heads={self.is_last}"
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.is_first:
-            if len(inputs) != 3:
+            if len(inputs) not in (3, 4):
                 raise TypeError(f"the first BERT stage takes (input_ids, token_type_ids, "
-                                f"attention_mask), got {len(inputs)} tensor(s)")
-            input_ids, token_type_ids, attention_mask = inputs
+                                f"attention_mask[, masked_lm_labels]), got {len(inputs)} "
+                                "tensor(s)")
+            input_ids, token_type_ids, attention_mask, *labels = inputs
             hidden_states = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         else:
-            if len(inputs) != 2:
+            if len(inputs) not in (2, 3):
                 raise TypeError(f"a BERT stage after the first takes (hidden_states, "
-                                f"attention_mask), got {len(inputs)} tensor(s)")
-            hidden_states, attention_mask = inputs
+                                f"attention_mask[, masked_lm_labels]), got {len(inputs)} "
+                                "tensor(s)")
+            hidden_states, attention_mask, *labels = inputs
         if len(self.layer):
             # The same call BertModel makes: an additive float mask for eager attention, a boolean
             # mask (or None when nothing is padded) for sdpa.
@@ -97,30 +111,49 @@ class BertStage(nn.Module):
             for layer in self.layer.values():
                 hidden_states = layer(hidden_states, mask)
         if not self.is_last:
-            return hidden_states, attention_mask
-        return self.cls(hidden_states, self.pooler(hidden_states))
+            return (hidden_states, attention_mask, *labels)
+        seq_relationship_score = self.cls.seq_relationship(self.pooler(hidden_states))
+        if labels:
+            hidden_states = labelled_positions(hidden_states, labels[0])
+        return self.cls.predictions(hidden_states), seq_relationship_score
+
+
+def labelled_positions(sequence: torch.Tensor, masked_lm_labels: torch.Tensor) -> torch.Tensor:
+    """The rows of ``sequence`` (``[b, seq, ...]``) at the positions whose label is not -100, in
+    row-major order: ``[labelled positions, ...]``. `BertPretrainingLoss` takes the labels in the
+    same order."""
+    positions = (masked_lm_labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    return sequence.reshape(-1, *sequence.shape[2:]).index_select(0, positions)
 
 
 class BertPretrainingLoss(nn.Module):
     """``BertForPreTraining``'s loss: masked-LM cross-entropy (labels of -100 ignored) plus
     next-sentence cross-entropy, each a mean over the microbatch.
 
-    Called as ``loss_fn((prediction_scores, seq_relationship_score), (masked_lm_labels,
-    next_sentence_label))``. A microbatch whose labels are all -100 has an undefined (NaN) MLM
-    loss, as in transformers.
+    Called as ``loss_fn((mlm_scores, seq_relationship_score), (masked_lm_labels,
+    next_sentence_label))``. ``mlm_scores`` is either every position's, ``[b, seq, vocab]``, or
+    only the labelled positions', ``[n, vocab]`` in row-major order (`labelled_positions`, the
+    last stage's output in training); both give the same loss. A microbatch whose labels are all
+    -100 has an undefined (NaN) MLM loss, as in transformers.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=-100)
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
     def forward(self, outputs: tuple[torch.Tensor, torch.Tensor],
                 targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         prediction_scores, seq_relationship_score = outputs
         masked_lm_labels, next_sentence_label = targets
+        labels = masked_lm_labels.reshape(-1)
+        if prediction_scores.dim() == 2:          # the labelled positions only
+            labels = labels[labels != IGNORE_INDEX]
+            if prediction_scores.size(0) != labels.numel():
+                raise ValueError(f"{prediction_scores.size(0)} MLM scores for {labels.numel()} "
+                                 "labelled positions: the last stage and the loss were given "
+                                 "different masked_lm_labels")
         vocab_size = prediction_scores.size(-1)
-        masked_lm_loss = self.cross_entropy(prediction_scores.reshape(-1, vocab_size),
-                                            masked_lm_labels.reshape(-1))
+        masked_lm_loss = self.cross_entropy(prediction_scores.reshape(-1, vocab_size), labels)
         next_sentence_loss = self.cross_entropy(seq_relationship_score.reshape(-1, 2),
                                                 next_sentence_label.reshape(-1))
         return masked_lm_loss + next_sentence_loss
@@ -173,16 +206,33 @@ class BertPipelineModel:
         for module, sub in zip(self.modules, per_module):
             module.load_state_dict(sub, strict=True)
 
+    @property
+    def num_modules(self) -> int:
+        """Modules of the pipeline (``--module``'s depth); a conf.json groups them onto stages."""
+        return len(self.modules)
+
     def check_pipeline_config(self, config: PipelineConfig, *, module_flag: str = "--module"
                               ) -> None:
-        """Raise `ConfigError` unless ``config`` (a conf.json) places one module per stage and the
-        loss on the last stage, as this partition needs."""
-        got = config.module_to_stage_map
-        if got not in (self.module_to_stage_map, self.module_to_stage_map[:-1]):
+        """Raise `ConfigError` unless ``config`` (a conf.json) places this partition's modules
+        on stages, as PipeDream's ``module_to_stage_map`` does: one entry per module, in order,
+        plus optionally one trailing entry for the loss on the last module's stage. Several
+        modules may share a stage (contiguous runs: `PipelineConfig` checks that), so a depth-8
+        partition runs on 8, 4, 2 or 1 stages."""
+        got = list(config.module_to_stage_map)
+        n = self.num_modules
+        spec = f"{module_flag} {self.partition.to_spec()} ({n} modules)"
+        examples = (f"e.g. {list(self.module_to_stage_map)} (one module per stage) or "
+                    f"{[0] * (n + 1)} (all on one stage)")
+        if len(got) not in (n, n + 1):
             raise ConfigError(
-                f"{config.source}: module_to_stage_map {list(got)} does not fit "
-                f"{module_flag} {self.partition.to_spec()} ({self.partition.num_stages} stages, "
-                f"one module each, plus the loss); it should be {list(self.module_to_stage_map)}")
+                f"{config.source}: module_to_stage_map {got} has {len(got)} entries, but "
+                f"{spec} needs {n} (one stage per module) plus an optional trailing entry for "
+                f"the loss; {examples}")
+        if len(got) == n + 1 and got[n] != got[n - 1]:
+            raise ConfigError(
+                f"{config.source}: module_to_stage_map {got} puts the loss (last entry) on stage "
+                f"{got[n]}, but the last module of {spec} is on stage {got[n - 1]}; the loss "
+                f"runs with the last module: make the last entry {got[n - 1]}")
 
 
 def build_bert_pipeline(model_config: BertModelConfig, partition: BertPartition, *,

@@ -3,8 +3,10 @@
 Each sequence is ``[CLS] A [SEP] B [SEP] [PAD]...`` with a random length, token types 0/1 for the
 two segments, about ``mlm_probability`` of its ordinary tokens replaced by ``[MASK]`` (at least
 one), MLM labels of -100 everywhere else, and a random next-sentence label. A microbatch is
-``((input_ids, token_type_ids, attention_mask), (masked_lm_labels, next_sentence_label))``, all
-int64: what `stages.bert.BertStage` and `stages.bert.BertPretrainingLoss` take.
+``((input_ids, token_type_ids, attention_mask, masked_lm_labels), (masked_lm_labels,
+next_sentence_label))``, all int64: what `stages.bert.BertStage` and
+`stages.bert.BertPretrainingLoss` take. The labels among the inputs make the last stage score only
+the labelled positions; drop them (``inputs[:3]``) to score every position.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import torch
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3
 FIRST_ORDINARY_ID = 4
 
-Microbatch = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                   tuple[torch.Tensor, torch.Tensor]]
+Microbatch = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor]]
 
 
 def random_pretraining_microbatch(generator: torch.Generator, *, microbatch_size: int,
@@ -52,7 +53,7 @@ def random_pretraining_microbatch(generator: torch.Generator, *, microbatch_size
         token_type_ids[i, sep_a + 1:length] = 1
         attention_mask[i, :length] = 1
     next_sentence_label = torch.randint(0, 2, (microbatch_size,), generator=generator)
-    return (input_ids, token_type_ids, attention_mask), (labels, next_sentence_label)
+    return (input_ids, token_type_ids, attention_mask, labels), (labels, next_sentence_label)
 
 
 def random_pretraining_steps(*, num_steps: int, num_microbatches: int, microbatch_size: int,

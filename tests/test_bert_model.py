@@ -50,14 +50,15 @@ def run_chain(model, inputs):
 
 
 def hf_forward(hf_model, inputs, targets):
-    input_ids, token_type_ids, attention_mask = inputs
+    input_ids, token_type_ids, attention_mask = inputs[:3]
     return hf_model(input_ids=input_ids, token_type_ids=token_type_ids,
                     attention_mask=attention_mask, labels=targets[0],
                     next_sentence_label=targets[1])
 
 
 def test_batches_have_padding_and_ignored_labels():
-    (input_ids, _, attention_mask), (labels, nsp) = batch()
+    (input_ids, _, attention_mask, input_labels), (labels, nsp) = batch()
+    assert input_labels is labels      # the labels go to the first stage too (masked head)
     assert (attention_mask == 0).any() and (attention_mask == 1).any()
     assert (labels == -100).any() and (labels != -100).sum(dim=1).min() >= 1
     assert (labels[attention_mask == 0] == -100).all()
@@ -70,19 +71,29 @@ def test_loss_and_logits_match_transformers(spec, attn):
     hf_model, model = tiny_pair(spec, attn)
     inputs, targets = batch()
     expected = hf_forward(hf_model, inputs, targets)
-    prediction_scores, seq_relationship_score = run_chain(model, inputs)
+    # without labels among the inputs: every position is scored, as BertForPreTraining does
+    prediction_scores, seq_relationship_score = run_chain(model, inputs[:3])
     loss = model.loss_fn((prediction_scores, seq_relationship_score), targets)
     torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(prediction_scores, expected.prediction_logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(seq_relationship_score, expected.seq_relationship_logits,
                                rtol=1e-5, atol=1e-6)
+    # with them (training): only the labelled positions, in row-major order
+    labelled = targets[0] != -100
+    masked_scores, masked_nsp = run_chain(model, inputs)
+    assert masked_scores.shape == (int(labelled.sum()), TINY.vocab_size)
+    torch.testing.assert_close(masked_scores, expected.prediction_logits[labelled], rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(masked_nsp, expected.seq_relationship_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.loss_fn((masked_scores, masked_nsp), targets), expected.loss,
+                               rtol=1e-5, atol=0)
 
 
 def test_padding_is_masked():
     """Padded positions must not influence real tokens: changing padded ids changes nothing."""
     _, model = tiny_pair("models.bert4.depth=2")
     inputs, _ = batch()
-    input_ids, token_type_ids, attention_mask = inputs
+    input_ids, token_type_ids, attention_mask = inputs = inputs[:3]
     changed = torch.where(attention_mask == 0, 7, input_ids)
     assert not torch.equal(changed, input_ids)
     real = attention_mask.bool()

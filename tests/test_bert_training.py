@@ -38,7 +38,7 @@ def hf_reference_train(hf_model: BertForPreTraining, steps) -> list[float]:
     for microbatches in steps:
         optimizer.zero_grad()
         total = 0.0
-        for (input_ids, token_type_ids, attention_mask), (labels, nsp) in microbatches:
+        for (input_ids, token_type_ids, attention_mask, _), (labels, nsp) in microbatches:
             loss = hf_model(input_ids=input_ids, token_type_ids=token_type_ids,
                             attention_mask=attention_mask, labels=labels,
                             next_sentence_label=nsp).loss

@@ -44,7 +44,8 @@ def write_shards(directory, rows_per_shard: list[int]) -> list[list[int]]:
 
 
 def microbatch_ids(mb) -> list[int]:
-    (input_ids, token_type_ids, attention_mask), (labels, nsp) = mb
+    (input_ids, token_type_ids, attention_mask, input_labels), (labels, nsp) = mb
+    assert torch.equal(input_labels, labels)   # also an input: the masked-only MLM head
     b = input_ids.shape[0]
     assert input_ids.dtype == torch.int64 and input_ids.shape == (b, L)
     assert token_type_ids.shape == attention_mask.shape == labels.shape == (b, L)
