@@ -145,7 +145,18 @@ def test_model_checks_the_conf_it_runs_under():
     model.check_pipeline_config(
         PipelineConfig.from_json(CONFIGS / "conf_bert24_depth4_replicas2.json"))
     model.check_pipeline_config(pipeline_conf(4, 1))
+    # PipeDream's grouping: the 4 modules on 2 stages or on 1, with or without the loss entry
+    for m2s in ([0, 0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0]):
+        model.check_pipeline_config(PipelineConfig(m2s, {str(s): [s] for s in
+                                                         range(m2s[-1] + 1)}))
     wrong = CONFIGS / "conf_bert24_depth8_replicas1.json"
-    with pytest.raises(ConfigError, match=rf"{wrong}: module_to_stage_map .* does not fit "
-                                          r"--module models.bert24.layers=6,6,6,6 \(4 stages"):
+    with pytest.raises(ConfigError, match=rf"{wrong}: module_to_stage_map .* has 9 entries, but "
+                                          r"--module models.bert24.layers=6,6,6,6 \(4 modules\) "
+                                          r"needs 4"):
         model.check_pipeline_config(PipelineConfig.from_json(wrong))
+    with pytest.raises(ConfigError, match=r"puts the loss \(last entry\) on stage 1, but the "
+                                          r"last module .* is on stage 0"):
+        model.check_pipeline_config(PipelineConfig([0, 0, 0, 0, 1], {"0": [0], "1": [1]}))
+    with pytest.raises(ConfigError, match=r"contiguous .* module 2 goes to stage 0 after "
+                                          r"module 1 on stage 1"):
+        model.check_pipeline_config(PipelineConfig([0, 1, 0, 1], {"0": [0], "1": [1]}))
