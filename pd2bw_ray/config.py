@@ -8,6 +8,7 @@ replicas of one stage average their gradients.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from dataclasses import dataclass, field
@@ -157,7 +158,13 @@ class PipelineConfig:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+            # PipeDream's README prints its conf as a Python dict ({'module_to_stage_map': ...});
+            # a conf pasted from there is read as the literal it is (never evaluated as code)
+            try:
+                d = ast.literal_eval(text.strip())
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}"
+                                  ) from None
         return cls.from_dict(d, source=path)
 
 
@@ -211,12 +218,15 @@ class StageOptions:
 class CommConfig:
     """Collective communication settings.
 
-    ``timeout_s`` bounds every wait on a peer (activation, gradient, all-reduce): a peer that died
-    or hangs produces an error naming the stage and replica instead of a hang.
+    ``timeout_s`` bounds every wait on a peer (activation, gradient, all-reduce), on the CPU and
+    the GPU: a peer that died or hangs produces an error naming the stage and replica instead of
+    a hang. ``backend``: "auto" (or "nccl", which insists on GPU actors) sends CUDA tensors over
+    NCCL and CPU tensors over GLOO (torch's ``cpu:gloo,cuda:nccl`` groups); "gloo" sends
+    everything over GLOO, CUDA tensors through host memory.
     """
 
     timeout_s: float = 120.0
-    backend: str = "auto"  # "auto" picks NCCL on GPU actors and GLOO on CPU actors
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:

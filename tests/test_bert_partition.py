@@ -138,6 +138,19 @@ def test_seed_conf_is_shipped_exactly():
     assert conf.to_dict() == SEED_CONF_8x8
 
 
+def test_the_seeds_conf_pasted_as_printed_reads_as_its_literal(tmp_path):
+    """PipeDream's README prints conf.json as a Python dict (single quotes); pasted into a file
+    it is read as that literal, and code in it is never run."""
+    pasted = tmp_path / "conf.json"
+    pasted.write_text(repr(SEED_CONF_8x8) + "\n")
+    assert "'module_to_stage_map'" in pasted.read_text()
+    assert PipelineConfig.from_json(pasted).to_dict() == SEED_CONF_8x8
+    code = tmp_path / "code.json"
+    code.write_text("__import__('os').getcwd()")
+    with pytest.raises(ConfigError, match=rf"{code}:1:1: malformed JSON"):
+        PipelineConfig.from_json(code)
+
+
 def test_model_checks_the_conf_it_runs_under():
     config = BertModelConfig.from_json(CONFIGS / "bert_config_bert-large-uncased.json")
     model = build_bert_pipeline(config, parse_module_spec("models.bert24.depth=4", 24),
