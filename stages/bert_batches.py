@@ -21,12 +21,20 @@ Microbatch = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor]]
 
 def random_pretraining_microbatch(generator: torch.Generator, *, microbatch_size: int,
                                   seq_length: int, vocab_size: int,
-                                  mlm_probability: float = 0.15) -> Microbatch:
+                                  mlm_probability: float = 0.15,
+                                  labels_per_sequence: int | None = None) -> Microbatch:
+    """One microbatch (see the module docstring). ``labels_per_sequence`` labels exactly that many
+    positions of every sequence instead of each ordinary token with ``mlm_probability`` (at most
+    the shortest sequence's ordinary tokens, ``max(5, seq_length // 2) - 3``)."""
     if seq_length < 5:
         raise ValueError(f"seq_length must be at least 5 ([CLS] a [SEP] b [SEP]), got {seq_length}")
     if vocab_size <= FIRST_ORDINARY_ID:
         raise ValueError(f"vocab_size must exceed {FIRST_ORDINARY_ID} (ids 0..3 are special), "
                          f"got {vocab_size}")
+    most = max(5, seq_length // 2) - 3
+    if labels_per_sequence is not None and not 1 <= labels_per_sequence <= most:
+        raise ValueError(f"labels_per_sequence must be in 1..{most} for seq_length {seq_length}, "
+                         f"got {labels_per_sequence}")
     shape = (microbatch_size, seq_length)
     input_ids = torch.full(shape, PAD_ID, dtype=torch.long)
     token_type_ids = torch.zeros(shape, dtype=torch.long)
@@ -45,7 +53,12 @@ def random_pretraining_microbatch(generator: torch.Generator, *, microbatch_size
         ordinary = torch.ones(length, dtype=torch.bool)
         ordinary[[0, sep_a, length - 1]] = False
         masked = ordinary & (torch.rand(length, generator=generator) < mlm_probability)
-        if not masked.any():
+        if labels_per_sequence is not None:
+            candidates = ordinary.nonzero().flatten()
+            pick = torch.randperm(len(candidates), generator=generator)[:labels_per_sequence]
+            masked = torch.zeros_like(ordinary)
+            masked[candidates[pick]] = True
+        elif not masked.any():
             candidates = ordinary.nonzero().flatten()
             masked[candidates[randint(0, len(candidates) - 1)]] = True
         labels[i, :length] = torch.where(masked, ids, -100)
@@ -58,12 +71,14 @@ def random_pretraining_microbatch(generator: torch.Generator, *, microbatch_size
 
 def random_pretraining_steps(*, num_steps: int, num_microbatches: int, microbatch_size: int,
                              seq_length: int, vocab_size: int, seed: int = 0,
-                             mlm_probability: float = 0.15) -> list[list[Microbatch]]:
+                             mlm_probability: float = 0.15,
+                             labels_per_sequence: int | None = None) -> list[list[Microbatch]]:
     """``num_steps`` steps of ``num_microbatches`` microbatches each (what ``trainer.train`` takes),
     the same for the same arguments."""
     generator = torch.Generator().manual_seed(seed)
     return [[random_pretraining_microbatch(generator, microbatch_size=microbatch_size,
                                            seq_length=seq_length, vocab_size=vocab_size,
-                                           mlm_probability=mlm_probability)
+                                           mlm_probability=mlm_probability,
+                                           labels_per_sequence=labels_per_sequence)
              for _ in range(num_microbatches)]
             for _ in range(num_steps)]
