@@ -36,9 +36,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from pd2bw_ray.planner import (Cluster, Network, choose, default_optimizer,  # noqa: E402
-                               format_bytes, format_table, module_spec,
-                               profile_bert_concurrently, search)
+from pd2bw_ray.planner import (Cluster, Network, choose, format_bytes,  # noqa: E402
+                               format_table, search)
+from stages.bert_planner import (default_optimizer, module_spec,  # noqa: E402
+                                 profile_bert_concurrently)
 
 RESULTS = ROOT / "bench" / "results"
 SMALL_BERT = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from pd2bw_ray import PipelineConfig, PipelineTrainer, StageOptions
-from pd2bw_ray.plan import main as plan_main
 from pd2bw_ray.planner import (KINDS, Cluster, MicrobatchProfile, ModelProfile, Network, Part,
-                               PlanError, WeightPart, average_profiles, choose,
-                               default_optimizer, evaluate, fastest_partition, module_spec,
-                               parse_bytes, parse_rate, parse_seconds, plan_for_job,
-                               profile_bert, profile_bert_concurrently, search)
+                               PlanError, WeightPart, average_profiles, choose, evaluate,
+                               fastest_partition, parse_bytes, parse_rate, parse_seconds, search)
+from stages.bert_planner import (default_optimizer, module_spec, plan_for_job, profile_bert,
+                                 profile_bert_concurrently)
+from stages.plan import main as plan_main
 from stages import BertModelConfig, BertPartition, build_bert_pipeline, pipeline_conf
 from stages.bert_batches import random_pretraining_steps
 
@@ -364,6 +364,43 @@ def test_the_command_writes_conf_and_job_flags(tiny_profile, tmp_path, capsys):
     assert f"--train_batch_size {plan['chosen']['microbatch_size']}" in flags
     assert plan_main(args + ["--memory_per_worker", "1KiB"]) == 2
     assert "no configuration fits" in capsys.readouterr().err
+
+
+def test_the_generic_command_plans_from_a_saved_profile(tiny_profile, tmp_path, capsys):
+    """`python -m pd2bw_ray.plan` needs no BERT code: a profile, a cluster, a batch."""
+    from pd2bw_ray.plan import main as generic_main
+
+    profile, path = tiny_profile
+    args = ["--profile_path", str(path), "--num_workers", "2", "--global_batch_size", "8",
+            "--memory_per_worker", "64MiB", "--output_dir", str(tmp_path)]
+    assert generic_main(args) == 0
+    out = capsys.readouterr().out
+    best = choose(search(profile, Cluster(num_workers=2, memory_per_worker=64 * 2**20,
+                                          network=Network()), 8))
+    assert (f"chosen: depth {best.depth} x width {best.width}, layers per stage "
+            f"{list(best.layers_per_stage)}, microbatch {best.microbatch_size}, "
+            f"m = {best.num_microbatches}") in out
+    conf = PipelineConfig.from_json(tmp_path / "conf.json")
+    assert (conf.num_stages, conf.num_replicas) == (best.depth, best.width)
+    assert json.loads((tmp_path / "plan.json").read_text())["chosen"]["depth"] == best.depth
+    assert generic_main(args + ["--microbatch_sizes", "1,64"]) == 2
+    assert "has no measurements for [64]" in capsys.readouterr().err
+
+
+def test_the_library_imports_nothing_from_the_repo_only_packages():
+    """The wheel ships pd2bw_ray alone, so pd2bw_ray may not import stages/, data/, jobs/ or
+    bench/ (BERT's planning lives in stages/bert_planner.py)."""
+    import ast
+
+    library = Path(__file__).resolve().parents[1] / "pd2bw_ray"
+    for path in sorted(library.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            for name in names:
+                assert name.split(".")[0] not in {"stages", "data", "jobs", "bench", "tests"}, \
+                    f"{path.name}:{node.lineno} imports {name}"
 
 
 def test_timing_noise_never_makes_a_negative_time():
