@@ -9,10 +9,15 @@ module of the pipeline, and the loss is one extra trailing module on the last st
 
 ``--module`` accepts two forms (``L`` = number of encoder layers, must match the BERT config)::
 
-    models.bert<L>.depth=<D>              L layers split as evenly as possible over D stages
+    models.bert<L>.depth=<D>              L layers over D stages, balanced by predicted cost
     models.bert<L>.layers=<n0>,<n1>,...   n_s layers on stage s (uneven splits); sum = L
 
-e.g. ``models.bert24.depth=8`` (3 layers per stage) or ``models.bert24.layers=2,4,4,4,4,3,2,1``.
+e.g. ``models.bert24.depth=8`` or ``models.bert24.layers=2,4,4,4,4,3,2,1``.
+
+``depth=D`` with a cost model (`stages.bert_cost.CostModel`, what the jobs pass) splits the layers
+so that the stages' predicted compute (forward, backward and optimizer step, with the embeddings
+on the first stage and the heads and loss on the last) is as even as whole layers allow. Without
+one, the layer counts are as even as possible (`balanced_partition`).
 """
 
 from __future__ import annotations
@@ -110,11 +115,13 @@ def balanced_partition(num_layers: int, depth: int) -> BertPartition:
 
 
 def parse_module_spec(spec: str, num_layers: int, *, flag: str = "--module",
-                      config_source: str = "the BERT config") -> BertPartition:
+                      config_source: str = "the BERT config",
+                      cost_model=None) -> BertPartition:
     """Parse a ``--module`` value (see the module docstring) for a BERT with ``num_layers`` layers.
 
     ``config_source`` names where ``num_layers`` came from (e.g. the --bert_config_path file), so a
-    mismatch can say which two things disagree.
+    mismatch can say which two things disagree. ``cost_model`` (a `stages.bert_cost.CostModel`)
+    balances ``depth=D`` by predicted cost instead of by layer count.
     """
     if not isinstance(spec, str):
         raise PartitionError(f"{flag} must be a string such as models.bert24.depth=8, got {spec!r}")
@@ -133,7 +140,8 @@ def parse_module_spec(spec: str, num_layers: int, *, flag: str = "--module",
         if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
             raise PartitionError(f"{flag} {spec!r}: depth {value!r} is not a positive integer")
         try:
-            return balanced_partition(num_layers, int(value))
+            counts = balanced_partition(num_layers, int(value))   # checks the depth
+            return counts if cost_model is None else cost_model.balanced_partition(int(value))
         except PartitionError as e:
             raise PartitionError(f"{flag} {spec!r}: {e}") from None
     items = [item.strip() for item in value.split(",")]
