@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .collectives import GlooTransport, NcclTransport, ThreadHub, Topology, Transport
+from .collectives import DistTransport, ThreadHub, ThreadTransport, Topology, Transport
 from .config import ConfigError, PipelineConfig
 from .executor import ChunkResult, ReduceSpec, StageExecutor, TieSpec
 from .metrics import StageMetrics
@@ -128,7 +128,7 @@ def plan_stages(
             cross.append((sorted(by_stage), {s: names[0] for s, names in by_stage.items()},
                           source))
     topology = Topology.build([list(config.stage_to_rank_map[str(s)]) for s in range(d)],
-                              [stages for stages, _, _ in cross])
+                              [stages for stages, _, _ in cross], devices=device)
     specs = []
     for s in range(d):
         row = []
@@ -154,11 +154,22 @@ def plan_stages(
 
 @dataclass(frozen=True)
 class CommSetup:
-    """How an actor reaches its peers: "gloo" / "nccl" (Ray actors) or "thread" (in-process)."""
+    """How an actor reaches its peers: "dist" (Ray actors: torch.distributed, GLOO for CPU
+    tensors and NCCL for CUDA ones unless ``use_nccl`` is False) or "thread" (in-process)."""
 
     backend: str
     world_name: str
     hub: ThreadHub | None = None
+    use_nccl: bool = True
+
+
+def transport_class(comm: CommSetup) -> type[Transport]:
+    """The transport an actor uses; the same class whatever device the stage computes on."""
+    if comm.backend == "thread":
+        return ThreadTransport
+    if comm.backend == "dist":
+        return DistTransport
+    raise ConfigError(f"unknown communication backend {comm.backend!r} (\"dist\" or \"thread\")")
 
 
 class StageActor:
@@ -219,17 +230,12 @@ class StageActor:
     def setup(self, topology: Topology, comm: CommSetup) -> None:
         """Join the communication groups (all replicas call this at the same time)."""
         spec = self.spec
-        if comm.backend == "thread":
+        if transport_class(comm) is ThreadTransport:
             assert comm.hub is not None
             self.transport = comm.hub.transport(spec.stage, spec.replica, spec.timeout_s)
-        elif comm.backend == "gloo":
-            self.transport = GlooTransport(topology, spec.stage, spec.replica, spec.timeout_s,
-                                           comm.world_name)
-        elif comm.backend == "nccl":
-            self.transport = NcclTransport(topology, spec.stage, spec.replica, spec.timeout_s,
-                                           comm.world_name, self.stage.device)
         else:
-            raise ConfigError(f"unknown communication backend {comm.backend!r}")
+            self.transport = DistTransport(topology, spec.stage, spec.replica, spec.timeout_s,
+                                           comm.world_name, self.stage.device, comm.use_nccl)
         self.executor = StageExecutor(
             self.stage, self.transport,
             ReduceSpec(spec.stage, spec.replica, spec.num_stages, spec.num_replicas,

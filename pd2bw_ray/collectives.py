@@ -1,15 +1,19 @@
 """Moving activations and gradients between stage replicas, and reducing gradients over groups.
 
-A ``Transport`` is what a stage executor talks to. Three implementations:
+A ``Transport`` is what a stage executor talks to. Two implementations:
 
-- ``GlooTransport`` (CPU actors): the world is a ``ray.util.collective`` GLOO group (its rendezvous
-  goes through Ray's internal KV, so no address or port is configured). Ray 2.60's GLOO group maps
-  every further group onto ranks ``0..n-1`` of the first one and has no per-operation timeout, so
-  the groups this runtime needs (one per link, per stage, per pipeline, per tied weight) are made
-  with ``torch.distributed.new_group`` on top of that world, each with ``CommConfig.timeout_s``:
-  a peer that hangs makes the waiting side fail after the timeout, a peer that dies makes it fail
-  at once ("Connection closed by peer").
-- ``NcclTransport`` (GPU actors): ``ray.util.collective`` NCCL groups (cupy), one per group.
+- ``DistTransport`` (Ray actors, CPU and GPU alike): torch.distributed process groups. The world is
+  a ``ray.util.collective`` GLOO group (its rendezvous goes through Ray's internal KV, so no address
+  or port is configured, and it leaves no actor behind). The groups this runtime needs (one per
+  link, per stage, per pipeline, per tied weight) are made with ``torch.distributed.new_group`` on
+  top of that world. A group whose members all compute on a GPU is a ``cpu:gloo,cuda:nccl`` group:
+  CUDA tensors go over NCCL, CPU tensors over GLOO; any other group is GLOO, and CUDA tensors
+  travel through host memory (a GPU stage can talk to a CPU stage). Every wait passes
+  ``CommConfig.timeout_s`` to torch's work object, which for NCCL blocks the host until the GPU
+  work is done or the time is up: a peer that hangs makes the waiting side fail after the timeout,
+  a peer that dies makes it fail at once on GLOO ("Connection closed by peer") and after the
+  timeout on NCCL. Stream order is torch's: a work object makes the current stream wait for the
+  communication, and a send's buffer is kept until its work has completed.
 - ``ThreadTransport``: stages as threads of one process (tests, debugging), no sockets.
 
 Messages: an activation is a tuple of tensors of any dtype and shape, so it travels with a
@@ -17,28 +21,27 @@ fixed-size int64 header (kind, count, dtypes, shapes) in front of one packed byt
 gradient message has the layout of the floating outputs it answers, which the receiver knows, so
 it is only the payload.
 
-GLOO sends an activation as one message, header and payload together, when its layout is the
-previous one on that link (always, once a run is going): both ends remember the last layout of
-each link, so the receiver knows the size to receive. When the layout changes (or on a link's
-first message) the header comes in a message of the size the receiver expects, marked "payload
-follows", and the payload in a second one. GLOO receives are posted as soon as the executor knows
-them (``dist.irecv``) and completed by GLOO's own thread, so a message that arrives early lands
-in place and nothing in Python runs until the executor needs it. NCCL receives block, so the NCCL
-transport receives in the background instead (one ``Inbox`` thread per incoming link), header and
-payload as two messages.
+An activation is one message, header and payload together, when its layout is the previous one on
+that link (always, once a run is going): both ends remember the last layout of each link, so the
+receiver knows the size to receive. When the layout changes (or on a link's first message) the
+header comes in a message of the size the receiver expects, marked "payload follows", and the
+payload in a second one. Receives are posted as soon as the executor knows them (``irecv``) and
+completed by the backend's own thread or stream, so a message that arrives early lands in place and
+nothing in Python runs until the executor needs it. NCCL matches messages by order, not by tag, so
+on every link at most one activation receive is posted at a time, and gradients are taken in the
+order their receives were posted (checked, on GLOO too).
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
-import queue
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -188,16 +191,19 @@ class Topology:
     """Ranks of every (stage, replica) and every communication group, in the order in which all
     ranks create them. Group names: ``act:s:r`` (stage s -> s+1, replica r), ``grad:s:r``
     (s+1 -> s), ``replicas:s``, ``pipeline:r``, ``tie:i`` (all replicas of the stages holding tied
-    parameter set i)."""
+    parameter set i). ``devices[rank]`` is the device type ("cpu" or "cuda") that rank computes
+    on; it decides each group's backend (``group_backend``)."""
 
     num_stages: int
     num_replicas: int
     ranks: tuple[tuple[int, ...], ...]          # ranks[s][r]
     groups: tuple[tuple[str, tuple[int, ...]], ...]
+    devices: tuple[str, ...] = ()               # by rank; empty: every rank on the CPU
 
     @classmethod
-    def build(cls, ranks: Sequence[Sequence[int]], tie_stages: Sequence[Sequence[int]] = ()
-              ) -> "Topology":
+    def build(cls, ranks: Sequence[Sequence[int]], tie_stages: Sequence[Sequence[int]] = (),
+              devices: Sequence[str] | str = "cpu") -> "Topology":
+        """``devices``: one device type for every rank, or one per rank."""
         d, w = len(ranks), len(ranks[0])
         groups: list[tuple[str, tuple[int, ...]]] = []
         for s in range(d - 1):
@@ -211,11 +217,19 @@ class Topology:
         for i, stages in enumerate(tie_stages):
             groups.append((f"tie:{i}", tuple(sorted(ranks[s][r] for s in stages
                                                     for r in range(w)))))
-        return cls(d, w, tuple(tuple(x) for x in ranks), tuple(groups))
+        n = d * w
+        types = (n * (devices,)) if isinstance(devices, str) else tuple(devices)
+        if len(types) != n or not set(types) <= {"cpu", "cuda"}:
+            raise ValueError(f"devices must be 'cpu' or 'cuda', one for all {n} ranks or one "
+                             f"per rank, got {devices!r}")
+        return cls(d, w, tuple(tuple(x) for x in ranks), tuple(groups), types)
 
     @property
     def world_size(self) -> int:
         return self.num_stages * self.num_replicas
+
+    def device_type(self, rank: int) -> str:
+        return self.devices[rank] if self.devices else "cpu"
 
     def rank(self, stage: int, replica: int) -> int:
         return self.ranks[stage][replica]
@@ -291,68 +305,13 @@ def comm_failure(err: BaseException, where: str, what: str, peer: str, timeout_s
     """A receive's failure as the error the user sees: which stage waited for what from whom,
     and the likely cause."""
     text = str(err)
-    if "Timed out" in text or "timed out" in text:
+    if any(w in text for w in ("Timed out", "timed out", "timing out", "Timeout")):
         return CommError(f"{where}: no {what} from {peer} within {timeout_s:.0f} s "
                          f"(is that stage hung?)")
     if "Connection closed" in text or "Connection reset" in text:
         return CommError(f"{where}: the connection to {peer} closed while waiting for {what} "
                          f"(did that stage die?)")
     return CommError(f"{where}: receiving {what} from {peer} failed: {err}")
-
-
-class Inbox:
-    """Messages of one incoming link, received by a background thread in registration order."""
-
-    def __init__(self, name: str, recv_one: Callable[[int, Layout | None], list[torch.Tensor]],
-                 timeout_s: float):
-        self.name = name
-        self._recv_one = recv_one
-        self._timeout_s = timeout_s
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: dict[int, list[torch.Tensor]] = {}
-        self._error: BaseException | None = None
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def expect(self, tag: int, layout: Layout | None) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._pump, name=self.name, daemon=True)
-            self._thread.start()
-        self._requests.put((tag, layout))
-
-    def take(self, tag: int, what: str, where: str, peer: str) -> list[torch.Tensor]:
-        deadline = time.monotonic() + self._timeout_s + 5.0
-        with self._cv:
-            while tag not in self._done and self._error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CommError(f"{where}: no {what} from {peer} within "
-                                    f"{self._timeout_s:.0f} s (is that stage hung or dead?)")
-                self._cv.wait(left)
-            if tag in self._done:
-                return self._done.pop(tag)
-            err = self._error
-        raise comm_failure(err, where, what, peer, self._timeout_s) from err
-
-    def _pump(self) -> None:
-        while True:
-            req = self._requests.get()
-            if req is None:
-                return
-            tag, layout = req
-            try:
-                tensors = self._recv_one(tag, layout)
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting executor
-                with self._cv:
-                    self._error = e
-                    self._cv.notify_all()
-                return
-            with self._cv:
-                self._done[tag] = tensors
-                self._cv.notify_all()
-
-    def close(self) -> None:
-        self._requests.put(None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,100 +405,110 @@ class ThreadTransport(Transport):
         self._collective(group, tensor, lambda parts, ranks: parts[ranks.index(src_rank)].clone())
 
 
+
+
 # ------------------------------------------------------------------------------------------------
-# Process transports
+# torch.distributed transport (Ray actors, CPU and GPU)
+
+NCCL_GROUP = "cpu:gloo,cuda:nccl"
+# The process groups' own timeout, past the one every wait passes: NCCL's watchdog aborts the
+# process when a group's timeout expires, and the waiting side must report first.
+GROUP_TIMEOUT_SLACK_S = 30.0
+_WARM_UP_TAG = 1 << 30      # above every message tag (message_tag wraps below 2**29)
 
 
-class _ProcessTransport(Transport):
-    """A transport whose receives block (NCCL): ``Inbox`` threads receive each incoming link in
-    the background; an activation travels as a header message and a payload message."""
-
-    def __init__(self, topology, stage, replica, timeout_s, device: torch.device):
-        super().__init__(topology, stage, replica, timeout_s)
-        self.device = device
-        self._inboxes: dict[tuple[int, str], Inbox] = {}
-
-    def _inbox(self, peer_stage: int, kind: str) -> Inbox:
-        key = (peer_stage, kind)
-        if key not in self._inboxes:
-            def recv_one(tag, layout, peer_stage=peer_stage, kind=kind):
-                return self._recv_message(peer_stage, kind, tag, layout)
-            self._inboxes[key] = Inbox(f"pd2bw-recv-{kind}-from-{peer_stage}", recv_one,
-                                       self.timeout_s)
-        return self._inboxes[key]
-
-    def expect(self, peer_stage, kind, tag, layout):
-        self._inbox(peer_stage, kind).expect(tag, layout)
-
-    def take(self, peer_stage, kind, tag, what):
-        return self._inbox(peer_stage, kind).take(tag, what, self.where,
-                                                  self.peer_name(peer_stage))
-
-    def _recv_message(self, peer_stage, kind, tag, layout):
-        if layout is None:
-            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            self._recv_raw(peer_stage, kind, header, tag)
-            layout, _ = decode_header(header)
-        payload = torch.empty(payload_size(layout), dtype=torch.uint8, device=self.device)
-        self._recv_raw(peer_stage, kind, payload, tag | 1)
-        return unpack(payload, layout)
-
-    def _send_message(self, peer_stage, kind, tag, tensors, with_header: bool):
-        if with_header:
-            self._send_raw(peer_stage, kind, encode_header(layout_of(tensors), self.device), tag)
-        self._send_raw(peer_stage, kind, pack(tensors, self.device), tag | 1)
-
-    def send(self, peer_stage, kind, tag, tensors):
-        self._send_message(peer_stage, kind, tag, tensors, with_header=(kind == "act"))
-
-    @abstractmethod
-    def _send_raw(self, peer_stage: int, kind: str, tensor: torch.Tensor, tag: int) -> None:
-        ...
-
-    @abstractmethod
-    def _recv_raw(self, peer_stage: int, kind: str, tensor: torch.Tensor, tag: int) -> None:
-        ...
-
-    def close(self):
-        for box in self._inboxes.values():
-            box.close()
+def group_backend(device_types: Sequence[str], use_nccl: bool = True) -> str:
+    """The torch.distributed backend of a group whose members compute on ``device_types``:
+    GLOO for CPU tensors, plus NCCL for CUDA tensors where every member is on a GPU."""
+    if use_nccl and device_types and all(t == "cuda" for t in device_types):
+        return NCCL_GROUP
+    return "gloo"
 
 
 @dataclass
 class _IncomingActivations:
-    """The receiving end of one GLOO activation link: tags registered and not yet taken (in
-    order), the receive posted for the first of them, and the layout its message will have if
-    unchanged (the last one received; None before the first)."""
+    """The receiving end of one activation link: tags registered and not yet taken (in order),
+    the receive posted for the first of them, and the layout its message will have if unchanged
+    (the last one received; None before the first)."""
 
     expected: deque = field(default_factory=deque)
     posted: tuple[int, Any, torch.Tensor] | None = None     # (tag, work, buffer)
     layout: Layout | None = None
 
 
-class GlooTransport(Transport):
-    """CPU transport: GLOO process groups with a per-group timeout, asynchronous receives posted
-    ahead, no threads of its own (see the module docstring for the message protocol)."""
+class DistTransport(Transport):
+    """torch.distributed groups with asynchronous sends, receives posted ahead, and every wait
+    bounded by ``timeout_s``; no threads of its own (see the module docstring for the message
+    protocol). ``device`` is where this rank computes; ``use_nccl=False`` keeps CUDA tensors on
+    GLOO too (through host memory). The GPU-only lines are marked "GPU:"."""
 
     def __init__(self, topology: Topology, stage: int, replica: int, timeout_s: float,
-                 world_name: str):
+                 world_name: str, device: torch.device | str = "cpu", use_nccl: bool = True):
         super().__init__(topology, stage, replica, timeout_s)
         import torch.distributed as dist
         from ray.util import collective as col
 
         self._dist = dist
+        self.device = torch.device(device)
+        if self.device.type == "cuda":     # GPU: NCCL works on the current device
+            torch.cuda.set_device(self.device)
         col.init_collective_group(topology.world_size, self.rank, backend="gloo",
                                   group_name=world_name, gloo_timeout=int(timeout_s * 1000))
         self._world_name = world_name
-        timeout = datetime.timedelta(seconds=timeout_s)
-        self._groups = {}
+        self._wait_timeout = datetime.timedelta(seconds=timeout_s)
+        group_timeout = datetime.timedelta(seconds=timeout_s + GROUP_TIMEOUT_SLACK_S)
+        self._groups: dict[str, Any] = {}
+        self._wire: dict[str, torch.device] = {}   # group -> device its tensors travel on
+        self.backends: dict[str, str] = {}
         for name, ranks in topology.groups:   # every rank creates every group, same order
-            pg = dist.new_group(list(ranks), timeout=timeout, backend="gloo")
+            backend = group_backend([topology.device_type(r) for r in ranks], use_nccl)
+            pg = dist.new_group(list(ranks), timeout=group_timeout, backend=backend)
             if self.rank in ranks:
                 self._groups[name] = pg
-        self._pending: deque = deque()
+                self.backends[name] = backend
+                # GPU: a NCCL group carries this rank's CUDA tensors as they are
+                self._wire[name] = self.device if backend == NCCL_GROUP else torch.device("cpu")
+        self._pending: deque = deque()          # (work, buffer kept alive until done, peer)
         self._sent_layout: dict[int, Layout] = {}                 # peer stage -> last act layout
         self._incoming: dict[int, _IncomingActivations] = {}      # peer stage -> act link
-        self._grads: dict[tuple[int, int], tuple[Any, torch.Tensor, Layout]] = {}
+        self._grads: dict[int, deque] = {}      # peer stage -> (tag, work, buffer, layout)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny operation on every group of this rank, in the global group order. NCCL makes
+        a communicator on a group's first use, which blocks until the peers use it too: a
+        receive posted ahead would then wait, inside the executor, for a send its peer makes only
+        after more messages from this rank."""
+        for name, ranks in self.topology.groups:
+            if name not in self._groups:
+                continue
+            t = torch.zeros(1, device=self._wire[name])
+            if name.startswith(("act:", "grad:")):
+                peer = ranks[1] if self.rank == ranks[0] else ranks[0]
+                op = self._dist.isend if self.rank == ranks[0] else self._dist.irecv
+                work = op(t, peer, group=self._groups[name], tag=_WARM_UP_TAG)
+            else:
+                work = self._dist.all_reduce(t, group=self._groups[name], async_op=True)
+            self._wait(work, f"the first message on group {name}",
+                       f"the other members of {name} (ranks {list(ranks)})")
+
+    def _wait(self, work, what: str | None, peer: str) -> None:
+        """Wait for a work object at most ``timeout_s`` (for NCCL this blocks the host until the
+        GPU work completed; the current stream then also waits for it). ``what`` comes from
+        ``peer``, or with ``what`` None it is a send to ``peer``."""
+        t0 = time.monotonic()
+        try:
+            work.wait(timeout=self._wait_timeout)
+        except RuntimeError as e:
+            timed_out = time.monotonic() - t0 >= 0.95 * self.timeout_s
+            if what is None:
+                why = "is that stage hung?" if timed_out else f"did that stage die? {e}"
+                raise CommError(f"{self.where}: a message to {peer} was not delivered within "
+                                f"{self.timeout_s:.0f} s ({why})") from e
+            if timed_out:
+                raise CommError(f"{self.where}: no {what} from {peer} within "
+                                f"{self.timeout_s:.0f} s (is that stage hung?)") from e
+            raise comm_failure(e, self.where, what, peer, self.timeout_s) from e
 
     # ---------------------------------------------------------------- sending
 
@@ -554,51 +523,45 @@ class GlooTransport(Transport):
 
     def send(self, peer_stage, kind, tag, tensors):
         self._reap()
+        wire = self._wire[self.link(peer_stage, kind)]
         if kind != "act":
-            self._isend(peer_stage, kind, pack(tensors), tag | 1)
+            self._isend(peer_stage, kind, pack(tensors, wire), tag | 1)
             return
         layout = layout_of(tensors)
         last = self._sent_layout.get(peer_stage)
         if layout == last:
-            self._isend(peer_stage, kind, pack(tensors, header=encode_header(layout, inline=True)),
-                        tag)
+            self._isend(peer_stage, kind,
+                        pack(tensors, wire, header=encode_header(layout, inline=True)), tag)
             return
         # The receiver expects a message of the last layout's size: the new header goes in one
         # of that size, the payload after it.
         first = torch.zeros(HEADER_BYTES + (payload_size(last) if last is not None else 0),
-                            dtype=torch.uint8)
+                            dtype=torch.uint8, device=wire)
         first[:HEADER_BYTES].view(torch.int64).copy_(encode_header(layout))
         self._isend(peer_stage, kind, first, tag)
-        self._isend(peer_stage, kind, pack(tensors), tag | 1)
+        self._isend(peer_stage, kind, pack(tensors, wire), tag | 1)
         self._sent_layout[peer_stage] = layout
 
     def wait_sends(self):
         while self._pending:
-            work, _, peer = self._pending.popleft()
-            try:
-                work.wait()
-            except RuntimeError as e:
-                raise CommError(f"{self.where}: sending to {self.peer_name(peer)} failed: "
-                                f"{e}") from e
+            work, _, peer = self._pending[0]
+            self._wait(work, None, self.peer_name(peer))
+            self._pending.popleft()
 
     # ---------------------------------------------------------------- receiving
 
-    def _irecv(self, peer_stage: int, kind: str, buf: torch.Tensor, tag: int):
-        return self._dist.irecv(buf, src=self.topology.rank(peer_stage, self.replica),
-                                group=self._groups[self.link(peer_stage, kind)], tag=tag)
-
-    def _wait(self, work, peer_stage: int, what: str) -> None:
-        try:
-            work.wait()
-        except RuntimeError as e:
-            raise comm_failure(e, self.where, what, self.peer_name(peer_stage),
-                               self.timeout_s) from e
+    def _irecv(self, peer_stage: int, kind: str, size: int, tag: int):
+        group = self.link(peer_stage, kind)
+        buf = torch.empty(size, dtype=torch.uint8, device=self._wire[group])
+        work = self._dist.irecv(buf, src=self.topology.rank(peer_stage, self.replica),
+                                group=self._groups[group], tag=tag)
+        return work, buf
 
     def _post_activation(self, peer_stage: int, link: _IncomingActivations) -> None:
         tag = link.expected[0]
         size = HEADER_BYTES + (payload_size(link.layout) if link.layout is not None else 0)
-        buf = torch.empty(size, dtype=torch.uint8)
-        link.posted = (tag, self._irecv(peer_stage, "act", buf, tag), buf)
+        work, buf = self._irecv(peer_stage, "act", size, tag)
+        link.posted = (tag, work, buf)
 
     def expect(self, peer_stage, kind, tag, layout):
         if kind == "act":
@@ -609,34 +572,37 @@ class GlooTransport(Transport):
             return
         if layout is None:
             raise CommError(f"{self.where}: a {kind} message needs its layout")
-        buf = torch.empty(payload_size(layout), dtype=torch.uint8)
-        self._grads[(peer_stage, tag)] = (self._irecv(peer_stage, kind, buf, tag | 1), buf,
-                                          layout)
+        work, buf = self._irecv(peer_stage, kind, payload_size(layout), tag | 1)
+        self._grads.setdefault(peer_stage, deque()).append((tag, work, buf, layout))
 
     def take(self, peer_stage, kind, tag, what):
+        peer = self.peer_name(peer_stage)
         if kind != "act":
-            if (peer_stage, tag) not in self._grads:
-                raise CommError(f"{self.where}: {what} was never expected (schedule bug)")
-            work, buf, layout = self._grads.pop((peer_stage, tag))
-            self._wait(work, peer_stage, what)
+            posted = self._grads.get(peer_stage)
+            if not posted or posted[0][0] != tag:
+                raise CommError(f"{self.where}: {what} is not the next gradient expected from "
+                                f"{peer} (expected tags {[p[0] for p in posted or ()]}; NCCL "
+                                "matches messages in the order receives are posted: schedule "
+                                "bug)")
+            _, work, buf, layout = posted.popleft()
+            self._wait(work, what, peer)
             return unpack(buf, layout)
         link = self._incoming.get(peer_stage)
         if link is None or not link.expected or link.expected[0] != tag:
             raise CommError(f"{self.where}: {what} is not the next activation expected from "
-                            f"{self.peer_name(peer_stage)} (schedule bug)")
+                            f"{peer} (schedule bug)")
         assert link.posted is not None and link.posted[0] == tag
         _, work, buf = link.posted
-        self._wait(work, peer_stage, what)
+        self._wait(work, what, peer)
         layout, inline = decode_header(buf[:HEADER_BYTES].view(torch.int64))
         if inline:
             if layout != link.layout:
-                raise CommError(f"{self.where}: {what} from {self.peer_name(peer_stage)} came "
-                                f"with layout {layout}, expected {link.layout} (stages out of "
-                                "step?)")
+                raise CommError(f"{self.where}: {what} from {peer} came with layout {layout}, "
+                                f"expected {link.layout} (stages out of step?)")
             tensors = unpack(buf[HEADER_BYTES:], layout)
         else:
-            payload = torch.empty(payload_size(layout), dtype=torch.uint8)
-            self._wait(self._irecv(peer_stage, "act", payload, tag | 1), peer_stage, what)
+            work, payload = self._irecv(peer_stage, "act", payload_size(layout), tag | 1)
+            self._wait(work, what, peer)
             tensors = unpack(payload, layout)
             link.layout = layout
         link.expected.popleft()
@@ -647,104 +613,32 @@ class GlooTransport(Transport):
 
     # ---------------------------------------------------------------- collectives
 
+    def _collective(self, group: str, tensor: torch.Tensor, what: str, issue) -> None:
+        wire = self._wire[group]
+        buf = tensor if tensor.device == wire else tensor.to(wire)
+        self._wait(issue(buf, self._groups[group]), f"{what} over {group}",
+                   f"the other members of {group} (ranks {list(self.topology.group_ranks(group))})")
+        if buf is not tensor:
+            tensor.copy_(buf)
+
     def allreduce(self, group, tensor):
-        self._dist.all_reduce(tensor, group=self._groups[group])
+        self._collective(group, tensor, "all-reduce", lambda t, pg: self._dist.all_reduce(
+            t, group=pg, async_op=True))
 
     def broadcast(self, group, tensor, src_rank):
-        self._dist.broadcast(tensor, src=src_rank, group=self._groups[group])
+        self._collective(group, tensor, "broadcast", lambda t, pg: self._dist.broadcast(
+            t, src=src_rank, group=pg, async_op=True))
 
     def close(self):
+        """Leave the world and destroy every group (NCCL communicators included)."""
+        from ray.util import collective as col
+
         try:
-            from ray.util import collective as col
             col.destroy_collective_group(self._world_name)
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
-
-
-class NcclTransport(_ProcessTransport):
-    """GPU transport: one ``ray.util.collective`` NCCL group per group of the topology.
-
-    NCCL point-to-point operations block the calling thread, so sends go through one background
-    thread per outgoing link, in order; receives use the inboxes like GLOO. NCCL has no operation
-    timeout: the inbox's wait bounds how long the executor waits for a peer.
-    """
-
-    def __init__(self, topology: Topology, stage: int, replica: int, timeout_s: float,
-                 world_name: str, device: torch.device):
-        super().__init__(topology, stage, replica, timeout_s, device)
-        from ray.util import collective as col
-
-        self._col = col
-        self._names: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for name, ranks in topology.groups:
-            if self.rank in ranks:
-                gname = f"{world_name}:{name}"
-                col.init_collective_group(len(ranks), ranks.index(self.rank), backend="nccl",
-                                          group_name=gname)
-                self._names[name] = (gname, ranks)
-        # Create the communicators eagerly, in the global group order, so no two ranks wait on
-        # each other's first use of different groups.
-        for name, _ in topology.groups:
-            if name in self._names and not name.startswith(("act:", "grad:")):
-                self.allreduce(name, torch.zeros(1, device=device))
-        self._outboxes: dict[tuple[int, str], queue.SimpleQueue] = {}
-        self._send_errors: list[BaseException] = []
-        self._unsent = 0
-        self._send_cv = threading.Condition()
-
-    def _peer_index(self, peer_stage, kind) -> tuple[str, int]:
-        gname, ranks = self._names[self.link(peer_stage, kind)]
-        return gname, ranks.index(self.topology.rank(peer_stage, self.replica))
-
-    def _send_raw(self, peer_stage, kind, tensor, tag):
-        key = (peer_stage, kind)
-        if key not in self._outboxes:
-            q: queue.SimpleQueue = queue.SimpleQueue()
-            self._outboxes[key] = q
-            threading.Thread(target=self._sender, args=(q, peer_stage, kind), daemon=True,
-                             name=f"pd2bw-send-{kind}-to-{peer_stage}").start()
-        with self._send_cv:
-            self._unsent += 1
-        self._outboxes[key].put(tensor)
-
-    def _sender(self, q, peer_stage, kind):
-        gname, peer = self._peer_index(peer_stage, kind)
-        while True:
-            t = q.get()
-            if t is None:
-                return
+        if self._dist.is_initialized():
             try:
-                self._col.send(t, peer, gname)
-            except BaseException as e:  # noqa: BLE001 - reported by wait_sends
-                self._send_errors.append(e)
-            with self._send_cv:
-                self._unsent -= 1
-                self._send_cv.notify_all()
-
-    def _recv_raw(self, peer_stage, kind, tensor, tag):
-        gname, peer = self._peer_index(peer_stage, kind)
-        self._col.recv(tensor, peer, gname)
-
-    def wait_sends(self):
-        with self._send_cv:
-            if not self._send_cv.wait_for(lambda: self._unsent == 0, self.timeout_s):
-                raise CommError(f"{self.where}: sends not delivered within {self.timeout_s} s")
-        if self._send_errors:
-            raise CommError(f"{self.where}: sending failed: {self._send_errors[0]}")
-
-    def allreduce(self, group, tensor):
-        self._col.allreduce(tensor, group_name=self._names[group][0])
-
-    def broadcast(self, group, tensor, src_rank):
-        gname, ranks = self._names[group]
-        self._col.broadcast(tensor, src_rank=ranks.index(src_rank), group_name=gname)
-
-    def close(self):
-        super().close()
-        for q in self._outboxes.values():
-            q.put(None)
-        for gname, _ in self._names.values():
-            try:
-                self._col.destroy_collective_group(gname)
+                self._dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass

@@ -295,15 +295,10 @@ class PipelineTrainer:
         self._ray_started = False
         self._pool: _Pool | None = None
         self._metrics: DriverMetrics | None = None
-        backend = self.comm.backend
-        if backend == "auto":
-            backend = "nccl" if self.resources.num_gpus > 0 else "gloo"
-        if local:
-            backend = "thread"
-        elif backend == "nccl" and self.resources.num_gpus <= 0:
+        if not local and self.comm.backend == "nccl" and self.resources.num_gpus <= 0:
             raise ConfigError("CommConfig.backend='nccl' needs GPU actors "
                               "(ActorResources(num_gpus=1))")
-        self.backend = backend
+        self.backend = "thread" if local else "dist"
         if lr_schedule is not None and not callable(lr_schedule):
             raise ConfigError("lr_schedule must be a function of the step returning a factor")
         self._lr_schedule = lr_schedule
@@ -389,7 +384,8 @@ class PipelineTrainer:
                     optimizer_factory, states[s], self._lr_schedule))
             actors.append(actor_row)
         self._pool = _RayPool(actors, pg)
-        self._all("setup", self._plan.topology, CommSetup(self.backend, self.name))
+        self._all("setup", self._plan.topology,
+                  CommSetup(self.backend, self.name, use_nccl=self.comm.backend != "gloo"))
         self._all("sync_weights")
 
     def _all(self, method: str, *args: Any) -> list[Any]:
