@@ -53,14 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--do_train", action="store_true")
     p.add_argument("--do_eval", action="store_true")
     p.add_argument("-m", "--module", default=None,
-                   help="the checkpoint's partition (checked against it), e.g. "
-                        "models.bert24.depth=8")
+                   help="the modules pre-training cut BERT into (checked against the "
+                        "checkpoint), e.g. models.bert24.depth=8")
     p.add_argument("--bert_config_path", default=None, help="checked against the checkpoint's")
     p.add_argument("--checkpoint_path", required=True,
                    help="--checkpoint_dir of the pre-training run, or one step-* directory")
     p.add_argument("--epoch", type=int, default=None,
                    help="pre-training epoch whose checkpoint to use (default: the newest)")
-    p.add_argument("--num_stages", type=int, default=None, help="the checkpoint's stage count")
+    p.add_argument("--num_stages", type=int, default=None,
+                   help="the stages pre-training put those modules on (checked against the "
+                        "checkpoint): 1 for -m models.bert24.depth=8 pre-trained on one stage")
     p.add_argument("--vocab_path", default=None, help="default: the pre-training run's vocab")
     p.add_argument("--do_lower_case", action=argparse.BooleanOptionalAction, default=None,
                    help="default: as in pre-training")
@@ -91,17 +93,23 @@ def check_against_checkpoint(args, pretrained) -> None:
 
     ck = pretrained.checkpoint
     part = pretrained.partition
-    if args.num_stages is not None and args.num_stages != part.num_stages:
-        raise JobError(f"--num_stages {args.num_stages}, but {ck.path} has {part.num_stages} "
-                       f"stages ({part.to_spec()})")
+    # PipeDream's meaning: -m names the modules BERT was cut into, --num_stages the stages the
+    # pre-training conf grouped them onto (-m models.bert24.depth=8 --num_stages 1: 8 modules
+    # pre-trained on one stage); both are checked against the checkpoint's record
+    d = pretrained.num_stages
+    if args.num_stages is not None and args.num_stages != d:
+        raise JobError(f"--num_stages {args.num_stages}, but {ck.path} has {d} stage"
+                       f"{'s' if d > 1 else ''}: {pretrained.describe()}; pass --num_stages {d}")
     if args.module:
         try:
-            want = parse_module_spec(args.module, pretrained.model_config.num_hidden_layers)
+            want = parse_module_spec(args.module, pretrained.model_config.num_hidden_layers,
+                                     flag="-m")
         except ValueError as e:
             raise JobError(f"-m {args.module}: {e}") from None
         if want.layers_per_stage != part.layers_per_stage:
-            raise JobError(f"-m {args.module} splits layers as {list(want.layers_per_stage)}, but "
-                           f"{ck.path} was trained as {part.to_spec()}")
+            raise JobError(f"-m {args.module} cuts BERT into {want.num_stages} modules of "
+                           f"{list(want.layers_per_stage)} layers, but {ck.path} holds "
+                           f"{pretrained.describe()}; pass -m {part.to_spec()}")
     if args.bert_config_path:
         if not os.path.exists(args.bert_config_path):
             raise JobError(f"--bert_config_path {args.bert_config_path}: no such file")
@@ -171,7 +179,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                        f"max_position_embeddings={pretrained.model_config.max_position_embeddings}")
     tokenizer = load_tokenizer(vocab, do_lower_case=lower)
     log(f"[glue] {task.dir_name}: BERT from {pretrained.checkpoint.path} (pre-training epoch "
-        f"{extra.get('epoch')}, {pretrained.partition.num_stages} stages, merged)")
+        f"{extra.get('epoch')}, {pretrained.describe()}, merged)")
     model = BertClassifier(pretrained.model_config, task.num_labels,
                            pretrained.hf_state_dict, seed=args.seed)
     loss_fn = GlueLoss(task.num_labels)

@@ -4,15 +4,21 @@
         --module models.bert24.depth=8 --config_path configs/conf_bert24_depth8_replicas8.json \\
         --bert_config_path configs/bert_config_bert-large-uncased.json --vocab_path vocab.txt \\
         --train_path wiki_shards/ --do_train --do_lower_case --max_seq_length 128 \\
-        --train_batch_size 8 --gradient_accumulation_steps 8 --num_train_epochs 1 \\
+        --train_batch_size 8 --gradient_accumulation_steps 1 --num_train_epochs 1 \\
         --learning_rate 1e-4 --checkpoint_dir ckpt/
 
 or plain ``python jobs/pretrain_bert24.py ...`` (a local Ray is started). The flags are those of
 the original PipeDream BERT scripts:
 
-- Batches: a microbatch is ``--train_batch_size`` sequences; every replica runs
-  ``--gradient_accumulation_steps`` microbatches (m) per weight update (2bw needs m >= depth); one
-  update averages ``train_batch_size x gradient_accumulation_steps x replicas`` sequences.
+- Batches, as in PipeDream-2BW: a microbatch is ``--train_batch_size`` sequences; every replica
+  runs ``m = d x --gradient_accumulation_steps`` microbatches per weight update, ``d`` being the
+  conf's stages (PipeDream's ``update_interval = num_stages * gradient_accumulation_steps``, so
+  2bw's ``m >= d`` always holds). flush and gpipe use the same m (a flush every m microbatches).
+  ``--microbatches_per_update M`` sets m directly instead. One update averages
+  ``train_batch_size x m x replicas`` sequences.
+- Modules and stages: ``--module models.bert<L>.depth=<D>`` cuts BERT into D modules; the conf's
+  ``module_to_stage_map`` puts them on stages, contiguously (as in PipeDream: a depth-8 model may
+  run on 8, 4, 2 or 1 stages). Without ``--config_path``, one module per stage.
 - Modes: ``--num_minibatches N`` measures throughput over N iterations (weight updates) and writes
   per-iteration times, samples/s and per-stage compute / communication / idle fractions as JSON;
   ``--num_train_epochs E`` trains to accuracy with BERT's optimizer and schedule, logging the loss
@@ -34,6 +40,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,12 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and layout")
     g.add_argument("--module", default="models.bert24.depth=8",
-                   help="partition: models.bert<L>.depth=<D> (balanced), "
+                   help="BERT cut into modules: models.bert<L>.depth=<D> (D modules, balanced), "
                         "models.bert<L>.layers=<n0>,<n1>,... (explicit), or "
-                        "models.bert<L>.depth=auto (the planner chooses)")
+                        "models.bert<L>.depth=auto (the planner chooses modules, stages, "
+                        "replicas, microbatch size and m for this cluster)")
     g.add_argument("--config_path", default=None,
-                   help="conf.json (module_to_stage_map, stage_to_rank_map); default: one "
-                        "replica per stage, or --num_replicas")
+                   help="conf.json: module_to_stage_map puts the modules on stages "
+                        "(contiguously; several per stage allowed), stage_to_rank_map gives each "
+                        "stage its replicas; default: one module per stage, --num_replicas "
+                        "replicas")
     g.add_argument("--num_replicas", type=int, default=1,
                    help="data-parallel width when no --config_path is given")
     g.add_argument("--bert_config_path", default=str(ROOT / "configs" /
@@ -97,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--do_train", action="store_true")
     g.add_argument("--train_batch_size", type=int, default=8, help="sequences per microbatch")
     g.add_argument("--gradient_accumulation_steps", type=int, default=None,
-                   help="microbatches per replica per weight update (default: the depth)")
+                   help="PipeDream-2BW's meaning: every replica runs m = d x this many "
+                        "microbatches per weight update, d = the conf's stages (default 1: "
+                        "m = d); the same m under flush and gpipe")
+    g.add_argument("--microbatches_per_update", type=int, default=None, metavar="M",
+                   help="set m directly instead (any M >= 1; 2bw needs M >= d)")
     g.add_argument("--num_minibatches", type=int, default=None,
                    help="throughput mode: run this many iterations (weight updates)")
     g.add_argument("--num_train_epochs", type=float, default=None,
@@ -109,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--max_steps", type=int, default=None,
                    help="cap on weight updates in to-accuracy mode")
+    g = p.add_argument_group("planner (--module models.bert<L>.depth=auto)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="stage replicas to plan for (default: what Ray's cluster holds: its "
+                        "GPUs / --num_gpus_per_stage, or CPUs / --num_cpus_per_stage)")
+    g.add_argument("--memory_per_worker", default=None,
+                   help="e.g. 16GiB (default: from Ray: a GPU's memory, or the cluster's memory "
+                        "/ workers)")
+    g.add_argument("--workers_per_node", type=int, default=None,
+                   help="default: from Ray, the most workers one node holds")
+    g.add_argument("--global_batch_size", type=int, default=None,
+                   help="sequences per update (default: --train_batch_size x "
+                        "--gradient_accumulation_steps x workers, PipeDream's batch for any "
+                        "depth)")
+    g.add_argument("--microbatch_sizes", default="1,2,4,8,16,32,64",
+                   help="microbatch sizes the planner profiles and considers")
+    g.add_argument("--profile_path", default=None,
+                   help="reuse this profile when it matches, else profile and write it here")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_dir", default=None)
     g.add_argument("--checkpoint_every", type=int, default=0,
@@ -182,6 +213,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise JobError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps < 1:
         raise JobError("--gradient_accumulation_steps must be >= 1")
+    if args.microbatches_per_update is not None:
+        if args.microbatches_per_update < 1:
+            raise JobError("--microbatches_per_update must be >= 1")
+        if args.gradient_accumulation_steps is not None:
+            raise JobError("pass one of --gradient_accumulation_steps (m = stages x it) and "
+                           "--microbatches_per_update (m itself), not both")
     _need_file(args.bert_config_path, "--bert_config_path", "Google-format bert_config.json")
     _need_file(args.vocab_path, "--vocab_path", "BERT vocab.txt")
     _need_file(args.train_path, "--train_path", "prepared shards or raw text")
@@ -191,8 +228,23 @@ def check_args(args: argparse.Namespace) -> None:
         _need_file(args.init_checkpoint, "--init_checkpoint", "transformers checkpoint dir")
 
 
-def load_model_and_layout(args: argparse.Namespace, resources_cpus: float = 1.0):
-    """(model config, partition, pipeline model, conf, m): everything built from the flags."""
+@dataclass(frozen=True)
+class Layout:
+    """What the flags (or the planner) chose: BERT cut into modules, the conf putting the modules
+    on stages, and one update's batch (m microbatches of ``microbatch_size`` per replica)."""
+
+    model_cfg: Any
+    partition: Any              # the modules: stages.BertPartition
+    model: Any                  # stages.BertPipelineModel
+    conf: Any                   # pd2bw_ray.PipelineConfig
+    microbatch_size: int
+    m: int
+    m_source: str               # how m was derived, for the log
+    recompute: bool
+
+
+def load_model_and_layout(args: argparse.Namespace, log=print) -> Layout:
+    """Everything built from the flags, checked before any actor starts."""
     from data.vocab import read_vocab
     from pd2bw_ray import PipelineConfig
     from stages import BertModelConfig, build_bert_pipeline, parse_module_spec, pipeline_conf
@@ -205,28 +257,106 @@ def load_model_and_layout(args: argparse.Namespace, resources_cpus: float = 1.0)
     if len(vocab) > model_cfg.vocab_size:
         raise JobError(f"{args.vocab_path} has {len(vocab)} tokens but {args.bert_config_path} "
                        f"has vocab_size={model_cfg.vocab_size}")
+    plan = None
     spec = args.module
-    if spec.endswith("depth=auto"):
-        spec = plan_module_spec(args, model_cfg)
+    if spec.strip().endswith("depth=auto"):
+        for flag in ("config_path", "microbatches_per_update"):
+            if getattr(args, flag) is not None:
+                raise JobError(f"--module {spec} chooses the conf and m itself; drop --{flag}, "
+                               "or plan with python -m stages.plan and pass what it chose")
+        plan = plan_for_cluster(args, model_cfg, log)
+        spec = plan.module_spec
     partition = parse_module_spec(spec, model_cfg.num_hidden_layers,
                                   config_source=args.bert_config_path)
-    if args.config_path:
+    if plan is not None:
+        conf = plan.pipeline_config
+    elif args.config_path:
         conf = PipelineConfig.from_json(args.config_path)
     else:
         conf = pipeline_conf(partition.num_stages, args.num_replicas)
     model = build_bert_pipeline(model_cfg, partition, seed=args.seed)
     model.check_pipeline_config(conf)
-    m = args.gradient_accumulation_steps or conf.num_stages
-    return model_cfg, partition, model, conf, m
+    d = conf.num_stages
+    if plan is not None:
+        b, m, recompute = plan.microbatch_size, plan.num_microbatches, plan.recompute
+        source = "chosen by the planner"
+    elif args.microbatches_per_update is not None:
+        b, m, recompute = args.train_batch_size, args.microbatches_per_update, args.recompute
+        source = "--microbatches_per_update"
+    else:
+        gas = args.gradient_accumulation_steps or 1
+        b, m, recompute = args.train_batch_size, d * gas, args.recompute
+        source = f"{d} stage{'s' if d > 1 else ''} x --gradient_accumulation_steps {gas}"
+    if args.schedule == "2bw" and m < d:
+        raise JobError(f"--microbatches_per_update {m} < {d} stages: 2bw needs at least as many "
+                       f"microbatches per update as stages; pass --microbatches_per_update {d} "
+                       "or more, or drop it (m = stages x --gradient_accumulation_steps)")
+    return Layout(model_cfg, partition, model, conf, b, m, source, recompute)
 
 
-def plan_module_spec(args: argparse.Namespace, model_cfg) -> str:
+def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
+    """``--module models.bert<L>.depth=auto``: plan for the workers this job can use on Ray's
+    cluster (its GPUs, or its CPUs, at --num_gpus_per_stage / --num_cpus_per_stage each, and
+    their memory), unless the planner flags say otherwise. Profiling runs as a Ray task on such
+    a worker, so it measures the device the stages will run on."""
+    import ray
+
+    from pd2bw_ray.planner import PlanError, format_bytes, format_table, parse_bytes
+    from stages.bert_planner import plan_for_job
+
+    if not ray.is_initialized():
+        init_ray()
+    on_gpu = args.num_gpus_per_stage > 0
+    per, kind = ((args.num_gpus_per_stage, "GPU") if on_gpu else
+                 (args.num_cpus_per_stage, "CPU"))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [int(n["Resources"].get(kind, 0) / per + 1e-9) if per > 0 else 0 for n in nodes]
+    workers = args.num_workers or sum(fits)
+    if workers < 1:
+        raise JobError(f"--module {args.module}: Ray's cluster has no room for a stage of "
+                       f"{per} {kind}(s) (--num_{kind.lower()}s_per_stage); pass --num_workers")
+    per_node = args.workers_per_node or max(fits) or workers
+    if args.memory_per_worker is not None:
+        memory = parse_bytes(args.memory_per_worker, "--memory_per_worker")
+    elif on_gpu:
+        memory = ray.get(ray.remote(num_gpus=per)(_gpu_memory).remote())
+    else:
+        memory = min(int(n["Resources"].get("memory", 0)) // f for n, f in zip(nodes, fits)
+                     if f > 0)
+    gas = args.gradient_accumulation_steps or 1
+    batch = args.global_batch_size or args.train_batch_size * gas * workers
+    sizes = tuple(int(x) for x in args.microbatch_sizes.split(",") if x.strip())
+    how = ("--global_batch_size" if args.global_batch_size else
+           "--train_batch_size x --gradient_accumulation_steps x workers")
+    log(f"[pretrain] planning {args.module} for {workers} workers ({per_node} per node, "
+        f"{'GPUs' if on_gpu else 'CPUs'}), {format_bytes(memory)} each, global batch {batch} "
+        f"({how}); profiling on a worker ...")
+    task = ray.remote(num_cpus=args.num_cpus_per_stage, num_gpus=args.num_gpus_per_stage)
     try:
-        from pd2bw_ray.planner import plan_for_job
-    except ImportError as e:  # pragma: no cover - the planner ships with the package
-        raise JobError(f"--module ...depth=auto needs the planner: {e}") from None
-    plan = plan_for_job(model_cfg, args)
-    return plan.module_spec
+        plan = ray.get(task(plan_for_job).remote(
+            model_cfg, module_spec=args.module, num_workers=workers, memory_per_worker=memory,
+            global_batch_size=batch, max_seq_length=args.max_seq_length,
+            workers_per_node=per_node, microbatch_sizes=sizes, profile_path=args.profile_path,
+            device="cuda" if on_gpu else "cpu", torch_threads=args.torch_threads))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, PlanError):
+            raise JobError(f"--module {args.module}: {cause}") from None
+        raise
+    log(format_table(plan.candidates, plan.candidate))
+    c = plan.candidate
+    log(f"[pretrain] planner chose {c.depth} stages x {c.width} replicas, layers per stage "
+        f"{list(c.layers_per_stage)} ({plan.module_spec}), microbatch {c.microbatch_size}, "
+        f"m={c.num_microbatches}, recompute {'on' if c.recompute else 'off'}: "
+        f"{c.throughput:.1f} samples/s predicted, {format_bytes(c.memory)} on the most loaded "
+        f"worker; the same run as flags: {plan.job_flags('plan/conf.json')}")
+    return plan
+
+
+def _gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,18 +484,16 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if ignored:
         log(f"[pretrain] note: {' '.join(ignored)} ignored: Ray places the stage actors "
             "(one per rank of the conf) on the cluster's nodes")
-    model_cfg, partition, model, conf, m = load_model_and_layout(args)
-    d, w, b = conf.num_stages, conf.num_replicas, args.train_batch_size
-    if args.schedule == "2bw" and m < d:
-        raise JobError(f"--gradient_accumulation_steps {m} < depth {d}: 2bw needs at least as "
-                       f"many microbatches per update as stages; pass "
-                       f"--gradient_accumulation_steps {d} or more")
+    layout = load_model_and_layout(args, log)
+    model_cfg, partition, model, conf = (layout.model_cfg, layout.partition, layout.model,
+                                         layout.conf)
+    d, w, b, m = conf.num_stages, conf.num_replicas, layout.microbatch_size, layout.m
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     resume = latest_checkpoint(ckpt_dir, report=log) if (args.resume and ckpt_dir) else None
     if args.resume and resume is None:
         log(f"[pretrain] --resume: no complete checkpoint in {ckpt_dir}; starting from scratch")
     if resume is not None:
-        check_resume_matches(resume, args, partition, model_cfg)
+        check_resume_matches(resume, args, partition, model_cfg, conf)
 
     prepared = prepared_shards(args)        # shards given: check them before anything starts
     if not ray.is_initialized():
@@ -384,6 +512,10 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         if args.max_steps is not None:
             total = min(total, args.max_steps)
     total = max(total, 1)
+    # The stream ends with the epoch of the last step: its readers neither read nor start Ray
+    # Data streams (split coordinators) for epochs this run does not train.
+    from dataclasses import replace
+    stream_cfg = replace(stream_cfg, num_epochs=-(-total // spe))
     lr_schedule = (WarmupLinearDecay(total, args.warmup_proportion)
                    if args.num_train_epochs is not None else None)
     optimizer = BertAdamW(lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -394,12 +526,14 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         resources=ActorResources(num_cpus=args.num_cpus_per_stage,
                                  num_gpus=args.num_gpus_per_stage,
                                  torch_threads=args.torch_threads),
-        stage_options=StageOptions(recompute=tuple(range(d)) if args.recompute else (),
+        stage_options=StageOptions(recompute=tuple(range(d)) if layout.recompute else (),
                                    autocast_bf16=args.bf16),
         comm=CommConfig(timeout_s=args.comm_timeout), seed=args.seed)
     log(f"[pretrain] BERT {model_cfg.num_hidden_layers} layers x {model_cfg.hidden_size} as "
-        f"{partition.to_spec()} ({list(partition.layers_per_stage)} layers per stage), "
-        f"{d} stages x {w} replicas, schedule {args.schedule}, m={m}, microbatch {b}, "
+        f"{partition.to_spec()} ({partition.num_stages} modules: "
+        f"{list(partition.layers_per_stage)} layers), on {d} stages x {w} replicas "
+        f"(module_to_stage_map {list(conf.module_to_stage_map)}), schedule {args.schedule}, "
+        f"m={m} microbatches per update per replica ({layout.m_source}), microbatch {b}, "
         f"{samples_per_step} sequences per update, {spe} updates per epoch")
     init = load_hf_checkpoint(args.init_checkpoint, model) if args.init_checkpoint else None
 
@@ -432,11 +566,17 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                          ckpt_dir, model_cfg, partition, log)
 
 
-def check_resume_matches(resume, args, partition, model_cfg) -> None:
+def check_resume_matches(resume, args, partition, model_cfg, conf) -> None:
     extra = resume.extra
     if extra.get("module") and extra["module"] != partition.to_spec():
         raise JobError(f"{resume.path} was trained with --module {extra['module']}; this run "
                        f"asks for {partition.to_spec()}. Resume with the same partition.")
+    recorded = extra.get("module_to_stage_map")
+    if recorded is not None and list(recorded) != list(conf.module_to_stage_map):
+        raise JobError(f"{resume.path} was trained with its modules on stages as "
+                       f"module_to_stage_map {list(recorded)}; this run's conf ({conf.source}) "
+                       f"has {list(conf.module_to_stage_map)}. Resume with the same grouping "
+                       "(the number of replicas may change).")
     if extra.get("bert_config") and extra["bert_config"] != model_cfg.to_dict():
         raise JobError(f"{resume.path} was trained with a different bert config than "
                        f"{args.bert_config_path}")
@@ -471,7 +611,9 @@ def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict
     out = {
         "mode": "throughput", "schedule": args.schedule, "iterations": len(losses),
         "num_stages": trainer.num_stages, "num_replicas": trainer.num_replicas,
-        "microbatch_size": args.train_batch_size, "num_microbatches": trainer.num_microbatches,
+        "microbatch_size": samples_per_step // (trainer.num_microbatches *
+                                                trainer.num_replicas),
+        "num_microbatches": trainer.num_microbatches,
         "samples_per_iteration": samples_per_step,
         "iteration_times_s": times, "mean_iteration_time_s": mean_it,
         "samples_per_second": samples_per_step / mean_it, "wall_time_s": wall,
@@ -564,7 +706,9 @@ def train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg, par
         extra = {"epoch": (trainer.step - 1) // spe, "end_of_epoch": at_epoch_end,
                  "global_step": trainer.step, "data_position": position.to_dict(),
                  "module": partition.to_spec(), "layers_per_stage": list(
-                     partition.layers_per_stage), "bert_config": model_cfg.to_dict(),
+                     partition.layers_per_stage), "num_modules": partition.num_stages,
+                 "module_to_stage_map": list(trainer.config.module_to_stage_map),
+                 "num_stages": trainer.num_stages, "bert_config": model_cfg.to_dict(),
                  "vocab_path": str(Path(args.vocab_path).resolve()),
                  "do_lower_case": bool(args.do_lower_case),
                  "max_seq_length": args.max_seq_length, "loss": losses[-1] if losses else None}

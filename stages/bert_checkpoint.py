@@ -1,8 +1,9 @@
 """Reading the pre-training job's partitioned checkpoints back as one BERT.
 
 A checkpoint written by ``jobs/pretrain_bert24.py`` holds one weights file per stage (names
-``"<module index>.<name>"`` of that run's partition) and records the partition (``module``), the
-bert config, the vocab and the epoch in its manifest. `read_pretrained_bert` merges the stages into
+``"<module index>.<name>"`` of that run's partition) and records the modules (``module``: how
+``--module`` cut BERT), the stages they ran on (the conf's ``module_to_stage_map``), the bert
+config, the vocab and the epoch in its manifest. `read_pretrained_bert` merges the stages into
 a transformers ``BertForPreTraining`` state dict, whatever the number of stages was.
 """
 
@@ -29,8 +30,20 @@ class PretrainedBert:
 
     hf_state_dict: dict[str, torch.Tensor]     # BertForPreTraining names (on-disk form)
     model_config: BertModelConfig
-    partition: BertPartition                   # how the checkpoint was split
+    partition: BertPartition                   # the modules (--module) the run cut BERT into
     checkpoint: Checkpoint
+    module_to_stage_map: tuple[int, ...]       # the modules' stages (the run's conf.json)
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages the checkpoint was trained on (several modules may share one)."""
+        return self.module_to_stage_map[-1] + 1
+
+    def describe(self) -> str:
+        n, d = self.partition.num_stages, self.num_stages
+        return (f"{n} module{'s' if n > 1 else ''} ({self.partition.to_spec()}) on {d} "
+                f"stage{'s' if d > 1 else ''} (module_to_stage_map "
+                f"{list(self.module_to_stage_map)})")
 
 
 def find_epoch_checkpoint(path: str | os.PathLike, epoch: int | None = None,
@@ -87,4 +100,8 @@ def read_pretrained_bert(path: str | os.PathLike, epoch: int | None = None,
         for n in group:
             if n not in state and present is not None:
                 state[n] = present
-    return PretrainedBert(pipeline_to_hf_state_dict(model, state), cfg, partition, ck)
+    # the stages: the conf the library wrote into the manifest (older job checkpoints did not
+    # record the map in "extra"; the manifest's conf is there in all of them)
+    stage_map = tuple(ck.manifest["config"]["module_to_stage_map"])
+    return PretrainedBert(pipeline_to_hf_state_dict(model, state), cfg, partition, ck,
+                          stage_map)

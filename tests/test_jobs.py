@@ -21,7 +21,7 @@ from job_helpers import PY, ROOT, TINY, env, final_weights, processes_mentioning
 def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_path):
     out = tmp_path / "throughput.json"
     p = run(["jobs/pretrain_bert24.py", *TINY, "--train_path", shards, "--num_minibatches", 8,
-             "--train_batch_size", 4, "--gradient_accumulation_steps", 2,
+             "--train_batch_size", 4, "--gradient_accumulation_steps", 1,
              "--output_json", out, "--timeline", tmp_path / "tl", "--timeline_steps", 2])
     assert "samples/s" in p.stdout
     # --timeline: the last 2 steps as a Chrome trace and a picture
@@ -46,7 +46,7 @@ def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_
 
 def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(shards, tmp_path):
     common = ["jobs/pretrain_bert24.py", *TINY, "--train_path", shards, "--num_train_epochs", 2,
-              "--train_batch_size", 16, "--gradient_accumulation_steps", 2,
+              "--train_batch_size", 16, "--gradient_accumulation_steps", 1,
               "--learning_rate", "5e-4", "--seed", 5]
     run(common + ["--checkpoint_dir", tmp_path / "a"])
     stopped = run(common + ["--checkpoint_dir", tmp_path / "b", "--stop_after_epoch", 0])
@@ -210,7 +210,7 @@ def test_ray_job_submit_pretrain_then_finetune(shards, tmp_path):
                 result["logs"] = submit(address, [
                     "jobs/pretrain_bert24.py", *TINY, "--train_path", shards,
                     "--num_train_epochs", 1, "--train_batch_size", 16,
-                    "--gradient_accumulation_steps", 2, "--checkpoint_dir", ckpt])
+                    "--gradient_accumulation_steps", 1, "--checkpoint_dir", ckpt])
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 result["error"] = e
 
@@ -276,7 +276,7 @@ TWO_NODES = textwrap.dedent("""
 def test_two_node_cluster_spreads_replicas_over_nodes(shards, tmp_path):
     p = run(["-c", TWO_NODES, ROOT, *TINY, "--num_cpus_per_stage", "1", "--train_path", shards,
              "--num_replicas", 2, "--num_minibatches", 3, "--train_batch_size", 4,
-             "--gradient_accumulation_steps", 2, "--output_json", tmp_path / "t.json"])
+             "--gradient_accumulation_steps", 1, "--output_json", tmp_path / "t.json"])
     line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
     placement = json.loads(line[len("RESULT "):])
     node = {k: v["node_id"] for k, v in placement.items()}

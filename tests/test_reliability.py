@@ -21,7 +21,7 @@ from pipeline_helpers import NanAfter, NanGradAfter
 from test_exactness import OPTIMIZERS
 
 RECOVERY = [*TINY, "--num_replicas", "2", "--num_train_epochs", "1", "--train_batch_size", "8",
-            "--gradient_accumulation_steps", "2", "--checkpoint_every", "4",
+            "--gradient_accumulation_steps", "1", "--checkpoint_every", "4",
             "--learning_rate", "5e-4", "--seed", "11", "--comm_timeout", "30"]
 
 

@@ -1,0 +1,174 @@
+"""The seed's three PipeDream-2BW commands, as its README prints them, run as a new user would:
+only the launcher prefix replaced (``python -m launch ... main_with_runtime.py`` becomes
+``python jobs/pretrain_bert24.py``, ``python -m torch.distributed.launch ... compute_glue_scores.py``
+becomes ``python jobs/finetune_glue.py``), the placeholders filled with the bundled sample, and the
+world scaled down to this machine (BERT-4 at depth 2 for BERT-24 at depth 8, 1 or 2 replicas,
+32 tokens, a few iterations). Each job runs in its own process and Ray."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from job_helpers import ROOT, run
+from pd2bw_ray import PipelineConfig
+from stages import BertModelConfig, build_bert_pipeline, parse_module_spec
+
+# The seed's commands, verbatim (README of PipeDream-2BW's BERT scripts).
+THROUGHPUT = r"""
+python -m launch --nnodes 8 \
+        --node_rank 0 \
+        --nproc_per_node=8 \
+        main_with_runtime.py \
+        --master_addr MASTER_ADDR \
+        --module models.bert24.depth=8 \
+        --max_seq_length 128 \
+        --train_batch_size 16 \
+        --train_path TRAINING_DATA_PATH \
+        --bert_config_path configs/bert_config_bert-large-uncased.json \
+        --vocab_path TRAINING_DATA_PATH/vocab.txt \
+        --do_train \
+        --on_memory \
+        --do_lower_case \
+        --num_minibatches 200 \
+        --gradient_accumulation_steps 1 \
+        --config_path conf.json
+"""
+SEED_CONF = ("{'module_to_stage_map': [0, 1, 2, 3, 4, 5, 6, 7, 7], 'stage_to_rank_map': "
+             "{'0': [0, 1, 2, 3, 4, 5, 6, 7], '1': [8, 9, 10, 11, 12, 13, 14, 15], "
+             "'2': [16, 17, 18, 19, 20, 21, 22, 23], '3': [24, 25, 26, 27, 28, 29, 30, 31], "
+             "'4': [32, 33, 34, 35, 36, 37, 38, 39], '5': [40, 41, 42, 43, 44, 45, 46, 47], "
+             "'6': [48, 49, 50, 51, 52, 53, 54, 55], '7': [56, 57, 58, 59, 60, 61, 62, 63]}}")
+PRETRAIN = r"""
+python -u -m launch --nnodes 2 --node_rank 0 --nproc_per_node=8 main_with_runtime.py \
+        --master_addr 10.185.12.207 \
+        --module models.bert24.depth=8 \
+        --config_path models/bert24/depth=8/dp_conf.json \
+        --max_seq_length 128 \
+        --train_batch_size 8 \
+        --gradient_accumulation_steps 1 \
+        --train_path <TRAIN_PATH> \
+        --partitioned_data \
+        --bert_config_path configs/bert_config_bert-large-uncased.json \
+        --vocab_path <VOCAB_PATH> \
+        --do_train \
+        --on_memory \
+        --do_lower_case \
+        --num_train_epochs 30.0 \
+        --learning_rate 2e-5 \
+        --checkpoint_dir <CHECKPOINT_DIR>
+"""
+GLUE = r"""
+python -u -m torch.distributed.launch --nproc_per_node=8 compute_glue_scores.py \
+    --data_dir <DATA_DIR>  --task_name MNLI --do_train --do_eval \
+    -m models.bert24.depth=8 \
+    --bert_config_path configs/bert_config_bert-large-uncased.json \
+    --checkpoint_path <CHECKPOINT_PATH> \
+    --epoch 5 --num_stages 1
+"""
+
+# BERT-24 at depth 8 -> the demo's BERT-4 at depth 2; what this machine holds
+SCALE_DOWN = [("models.bert24.depth=8", "models.bert4.depth=2"),
+              ("models/bert24/depth=8/", "models/bert4/depth=2/"),
+              ("configs/bert_config_bert-large-uncased.json", "configs/bert_config_demo.json"),
+              ("--max_seq_length 128", "--max_seq_length 32"),
+              ("--num_minibatches 200", "--num_minibatches 3"),
+              ("--num_train_epochs 30.0", "--num_train_epochs 0.25"),
+              ("--epoch 5", "--epoch 0"),
+              ("--task_name MNLI", "--task_name SST-2")]     # the bundled GLUE task
+
+
+def as_ours(seed_command: str, fill: dict[str, str]) -> list[str]:
+    """The seed's command with only the launcher prefix replaced, placeholders filled, scaled
+    down."""
+    text = seed_command.replace("\\\n", " ")
+    text = re.sub(r"python (-u )?-m launch .*? main_with_runtime\.py",
+                  "python jobs/pretrain_bert24.py", text)
+    text = re.sub(r"python (-u )?-m torch\.distributed\.launch .*? compute_glue_scores\.py",
+                  "python jobs/finetune_glue.py", text)
+    for old, new in fill.items():
+        assert old in text, old         # every placeholder is filled
+        text = text.replace(old, new)
+    for old, new in SCALE_DOWN:
+        text = text.replace(old, new)
+    argv = shlex.split(text)
+    assert argv[0] == "python"
+    return argv[1:]
+
+
+def start_line(stdout: str) -> str:
+    return next(x for x in stdout.splitlines() if x.startswith("[pretrain] BERT "))
+
+
+def test_the_seeds_three_commands_run_as_written(shards, tmp_path):
+    data = tmp_path / "wiki"            # TRAINING_DATA_PATH: the shards and their vocab.txt
+    shutil.copytree(shards, data)
+    shutil.copy(ROOT / "data/sample/vocab.txt", data / "vocab.txt")
+    assert len(list(data.glob("*.parquet"))) >= 2      # --partitioned_data: a file per replica
+
+    # 1. throughput, with the seed's conf.json pasted as printed, scaled to 2 stages x 1 replica
+    conf = tmp_path / "conf.json"
+    conf.write_text("{'module_to_stage_map': [0, 1, 1], 'stage_to_rank_map': "
+                    "{'0': [0], '1': [1]}}\n")
+    assert SEED_CONF.startswith("{'module_to_stage_map': [0, 1, 2")   # the same form
+    argv = as_ours(THROUGHPUT, {"MASTER_ADDR": "127.0.0.1", "TRAINING_DATA_PATH": str(data),
+                                "--config_path conf.json": f"--config_path {conf}"})
+    assert {"--gradient_accumulation_steps", "--on_memory"} <= set(argv)
+    p = run(argv + ["--output_json", tmp_path / "throughput.json"])
+    line = start_line(p.stdout)
+    # PipeDream's meaning: m = stages x --gradient_accumulation_steps = 2 x 1
+    assert "on 2 stages x 1 replicas" in line, line
+    assert "m=2 microbatches per update per replica (2 stages x --gradient_accumulation_steps 1)" \
+        in line, line
+    assert "--master_addr" in p.stdout and "ignored" in p.stdout
+    out = json.loads((tmp_path / "throughput.json").read_text())
+    assert out["iterations"] == 3 and out["num_microbatches"] == 2
+    assert out["samples_per_iteration"] == 16 * 2 * 1
+
+    # 2. pre-training to accuracy with the seed's dp_conf.json (the modules on one stage,
+    #    replicated): here models/bert4/depth=2/dp_conf.json, 2 modules on 1 stage x 2 replicas
+    ckpt = tmp_path / "ckpt"
+    argv = as_ours(PRETRAIN, {"<TRAIN_PATH>": str(data), "<VOCAB_PATH>": str(data / "vocab.txt"),
+                              "<CHECKPOINT_DIR>": str(ckpt)})
+    assert {"--partitioned_data", "--on_memory"} <= set(argv)
+    p = run(argv)
+    line = start_line(p.stdout)
+    assert "(2 modules: [2, 2] layers), on 1 stages x 2 replicas (module_to_stage_map " \
+           "[0, 0, 0])" in line, line
+    assert "m=1 microbatches per update per replica (1 stage x --gradient_accumulation_steps 1)" \
+        in line, line
+    assert "end of epoch 0" in p.stdout
+    (last,) = sorted(ckpt.glob("step-*"))
+    extra = json.loads((last / "manifest.json").read_text())["extra"]
+    assert extra["num_modules"] == 2 and extra["num_stages"] == 1
+    assert extra["module_to_stage_map"] == [0, 0, 0]
+
+    # 3. GLUE from that 1-stage checkpoint of the 2-module model: -m ...depth=2 --num_stages 1
+    glue_out = tmp_path / "glue"
+    argv = as_ours(GLUE, {"<DATA_DIR>": str(ROOT / "data/sample/glue"),
+                          "<CHECKPOINT_PATH>": str(ckpt)})
+    assert argv[argv.index("--num_stages") + 1] == "1"
+    p = run(argv + ["--output_dir", glue_out])
+    assert "2 modules (models.bert4.layers=2,2) on 1 stage" in p.stdout
+    scores = json.loads((glue_out / "scores_sst-2.json").read_text())
+    assert scores["pretraining_epoch"] == 0
+    assert 0.0 <= scores["scores"]["dev"]["accuracy"] <= 1.0
+
+
+def test_the_shipped_seed_conf_paths_fit_their_modules():
+    """models/bert24/depth=8/dp_conf.json (the seed's path): the 8 modules of
+    --module models.bert24.depth=8 on one stage, 16 replicas (2 nodes x 8 GPUs)."""
+    cfg = BertModelConfig.from_json(ROOT / "configs/bert_config_bert-large-uncased.json")
+    for layers, depth, replicas in ((24, 8, 16), (4, 2, 2)):
+        path = ROOT / f"models/bert{layers}/depth={depth}/dp_conf.json"
+        conf = PipelineConfig.from_json(path)
+        assert (conf.num_stages, conf.num_replicas) == (1, replicas)
+        model_cfg = cfg if layers == 24 else BertModelConfig.from_json(
+            ROOT / "configs/bert_config_demo.json")
+        model = build_bert_pipeline(model_cfg, parse_module_spec(
+            f"models.bert{layers}.depth={depth}", layers), device="meta")
+        model.check_pipeline_config(conf)
+        assert model.num_modules == depth
