@@ -265,7 +265,7 @@ class PretrainingStream:
                                        "seed": self.config.seed, "epoch": epoch,
                                        "shuffle": self.config.shuffle},
                             num_cpus=self.config.read_num_cpus,
-                            concurrency=self.config.read_parallelism)
+                            compute=ray.data.TaskPoolStrategy(size=self.config.read_parallelism))
         ctx = ds.context
         ctx.execution_options.preserve_order = True  # deterministic order and split
         ctx.enable_progress_bars = False
@@ -371,13 +371,27 @@ class PretrainingStream:
             self.close()
 
     def close(self) -> None:
-        """Stop the reader threads (the stream cannot be iterated again)."""
+        """Stop the reader threads and end the splits made ahead that no reader started (the
+        stream cannot be iterated again).
+
+        A split coordinator is a threaded actor (``max_concurrency`` n + 1). Ray 2.60 aborts such
+        an actor (SIGABRT in the CoreWorker destructor, "Fatal Python error: Aborted") when its
+        last handle is dropped before it ever ran a task, which is the state of the next epoch's
+        split when the consumer stops first. One call (``stats()``) on each split still held
+        makes its coordinator an actor that has run a task, which exits quietly when dropped.
+        """
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5.0)
         with self._lock:
+            held = [its[0] for its in self._splits.values()]  # not yet taken by every reader
             self._splits.clear()
             self._taken.clear()
+        for it in held:
+            try:
+                it.stats()
+            except ray.exceptions.RayError:
+                pass  # the coordinator is already gone (a cluster going down): nothing to end
 
 
 def split_step(step: Sequence[Microbatch], num_replicas: int) -> list[list[Microbatch]]:
