@@ -69,6 +69,13 @@ def random_pretraining_microbatch(generator: torch.Generator, *, microbatch_size
     return (input_ids, token_type_ids, attention_mask, labels), (labels, next_sentence_label)
 
 
+def expected_labels_per_sequence(seq_length: int, mlm_probability: float = 0.15) -> int:
+    """Labelled positions of an average random sequence (lengths are uniform in
+    ``seq_length // 2 .. seq_length``): what the planner profiles the masked-only head at."""
+    most = max(5, seq_length // 2) - 3
+    return min(most, max(1, round(mlm_probability * 0.75 * seq_length)))
+
+
 def random_pretraining_steps(*, num_steps: int, num_microbatches: int, microbatch_size: int,
                              seq_length: int, vocab_size: int, seed: int = 0,
                              mlm_probability: float = 0.15,

@@ -26,7 +26,8 @@ from pd2bw_ray.planner import (DEFAULT_MICROBATCH_SIZES, KINDS, Candidate, Clust
                                _microbatch_profile, average_profiles, choose, format_table,
                                parse_bytes, search)
 from stages.bert import build_bert_pipeline
-from stages.bert_batches import random_pretraining_steps
+from stages.bert_batches import (expected_labels_per_sequence,
+                                  random_pretraining_steps)
 from stages.partition import BertPartition, balanced_partition, pipeline_conf
 
 # ------------------------------------------------------------------------------------------------
@@ -67,6 +68,9 @@ def profile_bert(model_config, *, seq_length: int, microbatch_sizes: Sequence[in
     microbatch in flight (what ``trainer.stats()`` counts), parameter and optimizer bytes from
     it after the updates. A kind's per-layer part is its two-layer stage less its one-layer one,
     its base the one-layer stage less a layer (times clamped at 0: differences of medians).
+    The masked-only MLM head's cost and stash grow with the labelled positions of a microbatch:
+    the profile labels `expected_labels_per_sequence` positions of every sequence (15% of an
+    average sequence), so its last-stage numbers hold for microbatches labelled like that.
     """
     from pd2bw_ray.collectives import HEADER_LEN, layout_of, payload_size
     from pd2bw_ray.stage import Stage
@@ -101,7 +105,8 @@ def profile_bert(model_config, *, seq_length: int, microbatch_sizes: Sequence[in
                 ) -> tuple[_Measured, tuple]:
         (inputs, targets), = random_pretraining_steps(
             num_steps=1, num_microbatches=1, microbatch_size=b, seq_length=seq_length,
-            vocab_size=model_config.vocab_size, seed=seed)[0]
+            vocab_size=model_config.vocab_size, seed=seed,
+            labels_per_sequence=expected_labels_per_sequence(seq_length))[0]
         if kind in ("middle", "last"):
             # a later stage gets (hidden states, mask, MLM labels), as in training: the labels
             # travel with the inputs so that the last stage scores only the masked positions

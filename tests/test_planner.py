@@ -19,7 +19,7 @@ from stages.bert_planner import (default_optimizer, module_spec, plan_for_job, p
                                  profile_bert_concurrently)
 from stages.plan import main as plan_main
 from stages import BertModelConfig, BertPartition, build_bert_pipeline, pipeline_conf
-from stages.bert_batches import random_pretraining_steps
+from stages.bert_batches import expected_labels_per_sequence, random_pretraining_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = BertModelConfig.from_json(CONFIGS / "bert_config_tiny.json")
@@ -311,9 +311,12 @@ def test_memory_model_matches_the_runtimes_accounting(tiny_profile, layers, m, r
         tied_parameters=[list(g) for g in model.tied_parameters],
         stage_options=StageOptions(recompute=tuple(range(d)) if recompute else ()))
     try:
-        trainer.train(random_pretraining_steps(num_steps=3, num_microbatches=m,
-                                               microbatch_size=2, seq_length=16,
-                                               vocab_size=TINY.vocab_size, seed=1))
+        # other data than the profile's, labelled like it (the masked head's stash grows with
+        # the labelled positions)
+        trainer.train(random_pretraining_steps(
+            num_steps=3, num_microbatches=m, microbatch_size=2, seq_length=16,
+            vocab_size=TINY.vocab_size, seed=1,
+            labels_per_sequence=expected_labels_per_sequence(16)))
         stats = trainer.stats()
     finally:
         trainer.shutdown()
