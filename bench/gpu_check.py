@@ -111,7 +111,7 @@ def bench_bert(config_path: str, microbatch: int, m: int, seq: int, num_steps: i
         for microbatches in batch:
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device="cuda")
-            for (ids, types, mask), (labels, nsp) in microbatches:
+            for (ids, types, mask, _), (labels, nsp) in microbatches:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = hf(input_ids=ids.cuda(non_blocking=True),
                               token_type_ids=types.cuda(non_blocking=True),

@@ -51,7 +51,7 @@ def test_bert_bf16_autocast_keeps_fp32_weights_and_the_loss():
     with torch.no_grad():
         fp32 = [hf(input_ids=i, token_type_ids=t, attention_mask=a, labels=lab,
                    next_sentence_label=n).loss.item()
-                for (i, t, a), (lab, n) in steps[0]]
+                for (i, t, a, _), (lab, n) in steps[0]]
     trainer = PipelineTrainer(list(model.modules), model.loss_fn, pipeline_conf(2, 1),
                               optimizer_factory, schedule="2bw", num_microbatches=2,
                               tied_parameters=[list(g) for g in model.tied_parameters],
