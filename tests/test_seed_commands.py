@@ -13,7 +13,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from job_helpers import ROOT, run
+from job_helpers import ROOT, TINY, run
 from pd2bw_ray import PipelineConfig
 from stages import BertModelConfig, build_bert_pipeline, parse_module_spec
 
@@ -172,3 +172,82 @@ def test_the_shipped_seed_conf_paths_fit_their_modules():
             f"models.bert{layers}.depth={depth}", layers), device="meta")
         model.check_pipeline_config(conf)
         assert model.num_modules == depth
+
+
+def test_grouped_modules_resume_and_fine_tune_and_wrong_records_are_refused(shards, tmp_path):
+    """--module models.bert4.depth=4 on 2 stages (the conf groups the 4 modules in pairs): the
+    checkpoint records both, resumes, and fine-tunes with -m ...depth=4 --num_stages 2; flags
+    that disagree with the record, and confs that cannot hold the modules, fail with messages
+    that say what to pass."""
+    conf = tmp_path / "conf_4_modules_2_stages.json"
+    conf.write_text(json.dumps({"module_to_stage_map": [0, 0, 1, 1, 1],
+                                "stage_to_rank_map": {"0": [0], "1": [1]}}))
+    flags = list(TINY)
+    flags[flags.index("--module") + 1] = "models.bert4.depth=4"
+    ckpt = tmp_path / "ckpt"
+    pretrain = ["jobs/pretrain_bert24.py", *flags, "--train_path", shards, "--config_path", conf,
+                "--num_train_epochs", 1, "--train_batch_size", 4, "--checkpoint_dir", ckpt,
+                "--gradient_accumulation_steps", 2]
+    p = run(pretrain + ["--max_steps", 2])
+    line = start_line(p.stdout)
+    assert "(4 modules: [1, 1, 1, 1] layers), on 2 stages x 1 replicas (module_to_stage_map " \
+           "[0, 0, 1, 1, 1])" in line, line
+    assert "m=4 microbatches per update per replica (2 stages x --gradient_accumulation_steps 2)" \
+        in line, line
+    extra = json.loads((sorted(ckpt.glob("step-*"))[-1] / "manifest.json").read_text())["extra"]
+    assert (extra["num_modules"], extra["num_stages"]) == (4, 2)
+
+    resumed = run(pretrain + ["--max_steps", 3, "--resume"])
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert sorted(ckpt.glob("step-*"))[-1].name == "step-00000003"
+
+    glue = ["jobs/finetune_glue.py", "--data_dir", ROOT / "data/sample/glue", "--task_name",
+            "SST-2", "--do_train", "--do_eval", "--checkpoint_path", ckpt, "--max_seq_length",
+            32, "--num_train_epochs", 1, "--output_dir", tmp_path / "glue"]
+    p = run(glue + ["-m", "models.bert4.depth=4", "--num_stages", 2])
+    assert "4 modules (models.bert4.layers=1,1,1,1) on 2 stages" in p.stdout
+    assert "[glue] SST-2 dev: accuracy" in p.stdout
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"module_to_stage_map": [0, 1, 0, 1, 1],
+                               "stage_to_rank_map": {"0": [0], "1": [1]}}))
+    one_stage = tmp_path / "one_stage.json"
+    one_stage.write_text(json.dumps({"module_to_stage_map": [0, 0, 0, 0, 0],
+                                     "stage_to_rank_map": {"0": [0]}}))
+    cases = [
+        (glue + ["-m", "models.bert4.depth=4", "--num_stages", 4],
+         rf"--num_stages 4, but {ckpt}/step-00000003 has 2 stages: 4 modules "
+         r"\(models.bert4.layers=1,1,1,1\) on 2 stages \(module_to_stage_map \[0, 0, 1, 1, 1\]\); "
+         r"pass --num_stages 2"),
+        (glue + ["-m", "models.bert4.depth=2", "--num_stages", 2],
+         r"-m models.bert4.depth=2 cuts BERT into 2 modules of \[2, 2\] layers, but .* holds 4 "
+         r"modules .*; pass -m models.bert4.layers=1,1,1,1"),
+        (_with(pretrain, "--config_path", bad) + ["--max_steps", 1],
+         rf"{bad}: stages in module_to_stage_map must be contiguous .* module 2 goes to stage 0 "
+         r"after module 1 on stage 1"),
+        (_with(pretrain, "--config_path", one_stage) + ["--max_steps", 4, "--resume"],
+         r"step-00000003 was trained with its modules on stages as module_to_stage_map "
+         r"\[0, 0, 1, 1, 1\]; this run's conf .* has \[0, 0, 0, 0, 0\]. Resume with the same "
+         r"grouping"),
+        (pretrain + ["--microbatches_per_update", 1],
+         r"pass one of --gradient_accumulation_steps .* and --microbatches_per_update"),
+        (_with(pretrain, "--gradient_accumulation_steps", None) + ["--microbatches_per_update", 1],
+         r"--microbatches_per_update 1 < 2 stages: 2bw needs at least as many microbatches per "
+         r"update as stages; pass --microbatches_per_update 2 or more"),
+    ]
+    for argv, expect in cases:
+        p = run(argv, ok=False)
+        assert p.returncode == 2, (argv, p.stdout[-1500:], p.stderr[-1500:])
+        assert re.search(expect, p.stderr), (expect, p.stderr[-1500:])
+        assert "stage actors up" not in p.stdout
+
+
+def _with(argv: list, flag: str, value) -> list:
+    """``argv`` with ``flag``'s value replaced (None: the flag removed)."""
+    out = list(argv)
+    i = out.index(flag)
+    if value is None:
+        del out[i:i + 2]
+    else:
+        out[i + 1] = value
+    return out
