@@ -3,7 +3,7 @@
     flock /tmp/pd2bw-ray.lock .venv/bin/python bench/validate_planner.py [--quick]
 
 1. Profiles a small BERT (4 layers, hidden 256, vocab 8192, 128 tokens) with
-   `pd2bw_ray.planner.profile_bert_concurrently`: one single-threaded profiler per core at once,
+   `stages.bert_planner.profile_bert_concurrently`: one single-threaded profiler per core at once,
    as the two stage actors run.
 2. Measures this host's gloo links (two processes on loopback): message latency and bandwidth,
    which become the planner's `Network` (on CPU, communication does not overlap computation).

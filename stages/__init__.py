@@ -15,7 +15,10 @@ A job builds the model from its flags::
 
 Modules: `stages.bert_config` (bert_config.json), `stages.partition` (--module, conf.json),
 `stages.bert` (the stages), `stages.hf_interop` (transformers checkpoints), `stages.bert_batches`
-(random microbatches), `stages.describe` (a command printing a partition's parameters).
+(random microbatches), `stages.describe` (a command printing a partition's parameters),
+`stages.bert_checkpoint` (a pre-training checkpoint merged back into one BERT, with its record of
+modules and stages), `stages.bert_planner` and `stages.plan` (BERT's side of the planner:
+profiling, ``--module ...depth=auto``, ``python -m stages.plan``).
 """
 
 from stages.bert import (BertPipelineModel, BertPretrainingLoss, BertStage, build_bert_pipeline,
