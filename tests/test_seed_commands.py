@@ -117,14 +117,16 @@ def test_the_seeds_three_commands_run_as_written(shards, tmp_path):
     argv = as_ours(THROUGHPUT, {"MASTER_ADDR": "127.0.0.1", "TRAINING_DATA_PATH": str(data),
                                 "--config_path conf.json": f"--config_path {conf}"})
     assert {"--gradient_accumulation_steps", "--on_memory"} <= set(argv)
-    p = run(argv + ["--output_json", tmp_path / "throughput.json"])
+    p = run(argv)
     line = start_line(p.stdout)
     # PipeDream's meaning: m = stages x --gradient_accumulation_steps = 2 x 1
     assert "on 2 stages x 1 replicas" in line, line
     assert "m=2 microbatches per update per replica (2 stages x --gradient_accumulation_steps 1)" \
         in line, line
     assert "--master_addr" in p.stdout and "ignored" in p.stdout
-    out = json.loads((tmp_path / "throughput.json").read_text())
+    assert "[pretrain] 3 iterations, steady state" in p.stdout
+    written = re.search(r"\[pretrain\] metrics written to (\S+)", p.stdout)[1]
+    out = json.loads(Path(written).read_text())
     assert out["iterations"] == 3 and out["num_microbatches"] == 2
     assert out["samples_per_iteration"] == 16 * 2 * 1
 
@@ -147,11 +149,11 @@ def test_the_seeds_three_commands_run_as_written(shards, tmp_path):
     assert extra["module_to_stage_map"] == [0, 0, 0]
 
     # 3. GLUE from that 1-stage checkpoint of the 2-module model: -m ...depth=2 --num_stages 1
-    glue_out = tmp_path / "glue"
+    glue_out = ckpt / "glue"           # the default: next to the checkpoints
     argv = as_ours(GLUE, {"<DATA_DIR>": str(ROOT / "data/sample/glue"),
                           "<CHECKPOINT_PATH>": str(ckpt)})
     assert argv[argv.index("--num_stages") + 1] == "1"
-    p = run(argv + ["--output_dir", glue_out])
+    p = run(argv)
     assert "2 modules (models.bert4.layers=2,2) on 1 stage" in p.stdout
     scores = json.loads((glue_out / "scores_sst-2.json").read_text())
     assert scores["pretraining_epoch"] == 0
