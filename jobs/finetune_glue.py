@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=2e-5)
     p.add_argument("--train_batch_size", type=int, default=32, help="sequences per microbatch")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="as in pre-training, m = stages x this; fine-tuning runs on 1 stage, "
+                        "so each replica runs this many microbatches per update")
     p.add_argument("--num_train_epochs", type=float, default=3.0)
     p.add_argument("--warmup_proportion", type=float, default=0.1)
     p.add_argument("--eval_batch_size", type=int, default=64)
