@@ -253,3 +253,21 @@ def _with(argv: list, flag: str, value) -> list:
     else:
         out[i + 1] = value
     return out
+
+
+def test_depth_auto_refuses_flags_it_would_override():
+    """The planner chooses the conf and m; a --config_path or --microbatches_per_update beside
+    depth=auto is an error before anything starts (no Ray)."""
+    import pytest
+
+    from jobs.pretrain_bert24 import JobError, build_parser, load_model_and_layout
+
+    base = [*TINY, "--train_path", str(ROOT / "data/sample/corpus.txt"), "--num_minibatches",
+            "1"]
+    base[base.index("--module") + 1] = "models.bert4.depth=auto"
+    for extra, flag in ((["--config_path", str(ROOT / "models/bert4/depth=2/dp_conf.json")],
+                         "--config_path"), (["--microbatches_per_update", "2"],
+                                            "--microbatches_per_update")):
+        with pytest.raises(JobError, match=rf"--module models.bert4.depth=auto chooses the conf "
+                                           rf"and m itself; drop {flag}"):
+            load_model_and_layout(build_parser().parse_args(base + extra), log=lambda *_: None)
