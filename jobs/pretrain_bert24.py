@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop_after_epoch", type=int, default=None,
                    help="exit after this epoch's checkpoint (a preemption at an epoch "
                         "boundary; continue with --resume)")
+    g.add_argument("--export_hf", default=None, metavar="DIR",
+                   help="at the end, also write the last checkpoint as a transformers "
+                        "directory (as jobs/export_hf.py does)")
     g = p.add_argument_group("resources and output")
     g.add_argument("--num_cpus_per_stage", type=float, default=1.0)
     g.add_argument("--num_gpus_per_stage", type=float, default=0.0)
@@ -208,6 +211,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise JobError("--num_train_epochs needs --checkpoint_dir (checkpoints go there)")
     if args.resume and not args.checkpoint_dir:
         raise JobError("--resume needs --checkpoint_dir")
+    if args.export_hf and args.num_train_epochs is None:
+        raise JobError("--export_hf needs --num_train_epochs (it exports the last checkpoint)")
+    if args.export_hf and os.path.exists(args.export_hf) and not os.path.isdir(args.export_hf):
+        raise JobError(f"--export_hf {args.export_hf}: exists and is not a directory")
     for flag in ("train_batch_size", "max_seq_length", "num_replicas"):
         if getattr(args, flag) < 1:
             raise JobError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -320,7 +327,7 @@ def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
         memory = parse_bytes(args.memory_per_worker, "--memory_per_worker")
     elif on_gpu:
         memory = ray.get(ray.remote(num_gpus=per)(_gpu_memory).remote())
-    else:
+    elif any(fits):
         memory = min(int(n["Resources"].get("memory", 0)) // f for n, f in zip(nodes, fits)
                      if f > 0)
     gas = args.gradient_accumulation_steps or 1
@@ -366,6 +373,8 @@ def _gpu_memory() -> int:
 def prepared_shards(args: argparse.Namespace) -> list[str] | None:
     """If --train_path holds Parquet shards: all of them, each checked for the columns training
     needs and for --max_seq_length. None if it is raw text (to be prepared)."""
+    else:       # --num_workers given for stages of no CPU: share the cluster's memory
+        memory = int(sum(n["Resources"].get("memory", 0) for n in nodes)) // workers
     from data.shards import check_shard, list_shards
 
     path = Path(args.train_path)
@@ -562,8 +571,13 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         finally:
             stream.close()
             trainer.shutdown()
-    return accuracy_mode(args, start, resume, total, spe, samples_per_step, lr_schedule,
-                         ckpt_dir, model_cfg, partition, log)
+    result = accuracy_mode(args, start, resume, total, spe, samples_per_step, lr_schedule,
+                           ckpt_dir, model_cfg, partition, log)
+    if args.export_hf and result["checkpoint"]:
+        from jobs.export_hf import export
+
+        result["export_hf"] = export(result["checkpoint"], args.export_hf, log=log)
+    return result
 
 
 def check_resume_matches(resume, args, partition, model_cfg, conf) -> None:

@@ -20,20 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
+import shutil
 from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
-from transformers import BertForPreTraining
+from transformers import BertConfig, BertForPreTraining, BertModel
 
-from stages.bert import MLM_DECODER_WEIGHT, BertPipelineModel
+from stages.bert import MLM_DECODER_WEIGHT, BertPipelineModel, build_bert_pipeline
+from stages.bert_config import BertModelConfig
+from stages.partition import parse_module_spec
 
 logger = logging.getLogger(__name__)
 
 HF_WORD_EMBEDDING = "bert.embeddings.word_embeddings.weight"
+HF_VOCAB = "vocab.txt"
 HF_MLM_BIAS = "cls.predictions.bias"
 # transformers' second names for the tied tensors (present in model.state_dict(), not on disk).
 HF_TIED_ALIASES = {"cls.predictions.decoder.weight": HF_WORD_EMBEDDING,
@@ -208,15 +213,122 @@ def load_hf_checkpoint(directory: str | os.PathLike, model: BertPipelineModel, *
     return hf_to_pipeline_state_dict(model, hf_model.state_dict())
 
 
-def export_hf_checkpoint(model: BertPipelineModel, state_dict: Mapping[str, torch.Tensor],
-                         directory: str | os.PathLike) -> None:
-    """Write our state dict as a directory ``BertForPreTraining.from_pretrained`` loads
-    (``config.json`` + ``model.safetensors``)."""
+def save_hf_pretraining(hf_state_dict: Mapping[str, torch.Tensor], hf_config: BertConfig,
+                        directory: str | os.PathLike) -> None:
+    """Write a ``BertForPreTraining`` state dict (on-disk names) and its config as a directory
+    ``BertForPreTraining.from_pretrained`` loads (``config.json`` + ``model.safetensors``)."""
     directory = os.fspath(directory)
-    hf_state = pipeline_to_hf_state_dict(model, state_dict)
     os.makedirs(directory, exist_ok=True)
-    config = copy.deepcopy(model.hf_config)
+    config = copy.deepcopy(hf_config)
     config.architectures = ["BertForPreTraining"]
     config.save_pretrained(directory)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in hf_state.items()},
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict.items()},
               os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_hf_tokenizer(vocab_path: str | os.PathLike, do_lower_case: bool,
+                      directory: str | os.PathLike, model_max_length: int) -> None:
+    """Write the run's WordPiece tokenizer so ``AutoTokenizer.from_pretrained(directory)`` loads
+    it: ``vocab.txt`` (the run's file, unchanged), ``tokenizer.json`` and
+    ``tokenizer_config.json`` (with the run's ``do_lower_case``)."""
+    from data.vocab import load_tokenizer
+
+    directory = os.fspath(directory)
+    tokenizer = load_tokenizer(vocab_path, do_lower_case=do_lower_case)
+    tokenizer.model_max_length = model_max_length
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    # transformers 5 writes only tokenizer.json; BERT tools (and our --vocab_path) read vocab.txt
+    shutil.copyfile(vocab_path, os.path.join(directory, HF_VOCAB))
+
+
+def hf_tokenizer_settings(directory: str | os.PathLike) -> tuple[str | None, bool | None]:
+    """(``vocab.txt`` path, ``do_lower_case``) of a transformers directory, each None where the
+    directory does not say (no ``vocab.txt``; no ``tokenizer_config.json`` or no such key)."""
+    directory = os.fspath(directory)
+    vocab = os.path.join(directory, HF_VOCAB)
+    lower = None
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                lower = json.load(f).get("do_lower_case")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") \
+                from None
+    return (vocab if os.path.isfile(vocab) else None), lower
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a transformers ``save_pretrained`` directory (a ``config.json``, not a
+    checkpoint of ours, which has a ``manifest.json``)."""
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and not os.path.exists(os.path.join(path, "manifest.json")))
+
+
+def read_hf_encoder(directory: str | os.PathLike, *, seed: int | None = None
+                    ) -> tuple[BertModelConfig, dict[str, torch.Tensor]]:
+    """A transformers ``BertModel`` or ``BertForPreTraining`` directory as (its BERT config, the
+    encoder's state dict with ``bert.`` names, as ``BertForSequenceClassification`` holds it).
+
+    A ``BertForPreTraining`` directory is read and checked as `load_hf_checkpoint` reads it (the
+    heads are then dropped); a ``BertModel`` one (``architectures`` says so) by ``BertModel``,
+    which may only lack the pooler (then initialised, ``seed`` making it reproducible).
+    """
+    directory = os.fspath(directory)
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no config.json; expected a directory written by "
+                              "save_pretrained") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    if saved.get("model_type", "bert") != "bert":
+        raise CheckpointError(f"{path}: model_type {saved['model_type']!r}; only BERT "
+                              "checkpoints (model_type \"bert\") can be used")
+    hf_config = BertConfig.from_pretrained(directory)
+    defaults = BertConfig()
+    for key in ("layer_norm_eps", "position_embedding_type"):
+        if getattr(hf_config, key, None) != getattr(defaults, key, None):
+            raise CheckpointError(f"{path}: {key}={getattr(hf_config, key, None)!r}; the pipeline "
+                                  f"builds BERT with transformers' default "
+                                  f"{getattr(defaults, key, None)!r}")
+    keys = [f.name for f in dataclasses.fields(BertModelConfig) if f.name != "source"]
+    cfg = BertModelConfig.from_dict({k: getattr(hf_config, k) for k in keys}, source=path)
+    if saved.get("architectures") == ["BertModel"]:
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+        try:
+            with rng:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                encoder, info = BertModel.from_pretrained(directory, config=cfg.to_transformers(),
+                                                          output_loading_info=True)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{directory}: transformers could not load a BertModel from "
+                                  f"it: {e}") from e
+        missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
+        if missing or info["unexpected_keys"]:
+            raise CheckpointError(f"{directory}: not a BertModel of its config.json: missing "
+                                  f"{_short(missing)}, unexpected "
+                                  f"{_short(info['unexpected_keys'])}")
+        return cfg, {"bert." + k: v for k, v in encoder.state_dict().items()}
+    layers = cfg.num_hidden_layers
+    model = build_bert_pipeline(cfg, parse_module_spec(f"models.bert{layers}.depth=1", layers),
+                                device="meta")
+    state = pipeline_to_hf_state_dict(model, load_hf_checkpoint(directory, model, seed=seed))
+    return cfg, {k: v for k, v in state.items() if k.startswith("bert.")}
+
+
+def export_hf_checkpoint(model: BertPipelineModel, state_dict: Mapping[str, torch.Tensor],
+                         directory: str | os.PathLike, *,
+                         vocab_path: str | os.PathLike | None = None,
+                         do_lower_case: bool = True) -> None:
+    """Write our state dict as a directory ``BertForPreTraining.from_pretrained`` loads
+    (``config.json`` + ``model.safetensors``); with ``vocab_path``, also the tokenizer that
+    ``AutoTokenizer.from_pretrained`` loads (see `save_hf_tokenizer`)."""
+    save_hf_pretraining(pipeline_to_hf_state_dict(model, state_dict), model.hf_config, directory)
+    if vocab_path is not None:
+        save_hf_tokenizer(vocab_path, do_lower_case, directory,
+                          model.hf_config.max_position_embeddings)
