@@ -22,7 +22,11 @@ WNLI      ``index sentence1 sentence2 label``                         0 / 1
 ========  ==========================================================  =========================
 
 Splits are ``train`` and ``dev``; MNLI has ``dev_matched`` and ``dev_mismatched`` instead of
-``dev``. (Test files carry no labels and are not read here.)
+``dev``. The unlabelled test files (``test.tsv``; MNLI's ``test_matched.tsv`` and
+``test_mismatched.tsv``) have a header, an index first and the sentences by name (STS-B and MNLI
+by position, as in their train files); :func:`load_test_examples` reads them and
+:func:`write_submission` writes predictions as the GLUE benchmark takes them (``SST-2.tsv``,
+``MNLI-m.tsv`` ...: ``index<TAB>prediction``, with the task's label names).
 
 A row with the wrong number of columns, a label that does not parse, or a label outside the
 task's list raises :class:`GlueDataError` naming ``file:line``. Rows must have exactly the
@@ -69,6 +73,8 @@ class GlueTask:
     num_columns: int | None = None  # files without a header: their column count
     extra_columns_ok: bool = False
     dev_splits: tuple[str, ...] = ("dev",)
+    test_text: tuple[str | int, str | int | None] = ("sentence", None)  # test.tsv's sentences
+    test_splits: tuple[tuple[str, str], ...] = ()  # (split, GLUE submission file stem)
 
     @property
     def is_regression(self) -> bool:
@@ -82,6 +88,11 @@ class GlueTask:
     def splits(self) -> tuple[str, ...]:
         return ("train",) + self.dev_splits
 
+    @property
+    def all_splits(self) -> tuple[str, ...]:
+        """The labelled splits and the test splits."""
+        return self.splits + tuple(split for split, _ in self.test_splits)
+
 
 _BINARY = ("0", "1")
 _NLI2 = ("entailment", "not_entailment")
@@ -89,18 +100,26 @@ _NLI2 = ("entailment", "not_entailment")
 #: The GLUE tasks, by lower-case name (read-only).
 GLUE_TASKS: types.MappingProxyType[str, GlueTask] = types.MappingProxyType({t.name: t for t in (
     GlueTask("cola", "CoLA", text_a=3, text_b=None, label=1, labels=_BINARY, metrics=("mcc",),
-             has_header=False, num_columns=4),
-    GlueTask("sst-2", "SST-2", "sentence", None, "label", _BINARY, ("accuracy",)),
-    GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BINARY, ("accuracy", "f1")),
-    GlueTask("sts-b", "STS-B", 7, 8, -1, None, ("pearson", "spearman"), extra_columns_ok=True),
+             has_header=False, num_columns=4, test_splits=(("test", "CoLA"),)),
+    GlueTask("sst-2", "SST-2", "sentence", None, "label", _BINARY, ("accuracy",),
+             test_splits=(("test", "SST-2"),)),
+    GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BINARY, ("accuracy", "f1"),
+             test_text=("#1 String", "#2 String"), test_splits=(("test", "MRPC"),)),
+    GlueTask("sts-b", "STS-B", 7, 8, -1, None, ("pearson", "spearman"), extra_columns_ok=True,
+             test_text=(7, 8), test_splits=(("test", "STS-B"),)),
     GlueTask("qqp", "QQP", "question1", "question2", "is_duplicate", _BINARY,
-             ("accuracy", "f1")),
+             ("accuracy", "f1"), test_text=("question1", "question2"),
+             test_splits=(("test", "QQP"),)),
     GlueTask("mnli", "MNLI", 8, 9, -1, ("contradiction", "entailment", "neutral"),
              ("accuracy",), extra_columns_ok=True,
-             dev_splits=("dev_matched", "dev_mismatched")),
-    GlueTask("qnli", "QNLI", "question", "sentence", "label", _NLI2, ("accuracy",)),
-    GlueTask("rte", "RTE", "sentence1", "sentence2", "label", _NLI2, ("accuracy",)),
-    GlueTask("wnli", "WNLI", "sentence1", "sentence2", "label", _BINARY, ("accuracy",)),
+             dev_splits=("dev_matched", "dev_mismatched"), test_text=(8, 9),
+             test_splits=(("test_matched", "MNLI-m"), ("test_mismatched", "MNLI-mm"))),
+    GlueTask("qnli", "QNLI", "question", "sentence", "label", _NLI2, ("accuracy",),
+             test_text=("question", "sentence"), test_splits=(("test", "QNLI"),)),
+    GlueTask("rte", "RTE", "sentence1", "sentence2", "label", _NLI2, ("accuracy",),
+             test_text=("sentence1", "sentence2"), test_splits=(("test", "RTE"),)),
+    GlueTask("wnli", "WNLI", "sentence1", "sentence2", "label", _BINARY, ("accuracy",),
+             test_text=("sentence1", "sentence2"), test_splits=(("test", "WNLI"),)),
 )})
 _ALIASES = {"sst2": "sst-2", "stsb": "sts-b"}
 
@@ -118,22 +137,23 @@ def get_task(task_name: str) -> GlueTask:
 
 @dataclass(frozen=True)
 class GlueExample:
-    """One labelled row: its text (one sentence or a pair) and label (class id or score)."""
+    """One row: its text (one sentence or a pair) and label (class id or score; None in a test
+    file)."""
 
     guid: str  # file:line
     text_a: str
     text_b: str | None
-    label: int | float
+    label: int | float | None
 
 
 def task_file(data_dir: str | os.PathLike, task: GlueTask, split: str) -> str:
     """The TSV of ``split`` of ``task`` under ``data_dir``, checked to exist."""
     data_dir = os.fspath(data_dir)
-    if split not in task.splits:
+    if split not in task.all_splits:
         hint = (" (MNLI has dev_matched and dev_mismatched)" if task.name == "mnli"
                 and split == "dev" else "")
         raise GlueDataError(f"{task.dir_name} has no split {split!r}; use one of "
-                            f"{', '.join(task.splits)}{hint}")
+                            f"{', '.join(task.all_splits)}{hint}")
     if not os.path.isdir(data_dir):
         raise GlueDataError(f"{data_dir}: no such --data_dir (it should hold the task folders "
                             f"of jiant's download_glue_data.py, e.g. {task.dir_name}/)")
@@ -235,15 +255,78 @@ def load_examples(data_dir: str | os.PathLike, task_name: str, split: str,
     return examples
 
 
+def present_test_splits(data_dir: str | os.PathLike, task: GlueTask
+                        ) -> list[tuple[str, str]]:
+    """The test splits of ``task`` present under ``data_dir``: (split, submission file stem)."""
+    folder = os.path.join(os.fspath(data_dir), task.dir_name)
+    return [(split, stem) for split, stem in task.test_splits
+            if os.path.isfile(os.path.join(folder, f"{split}.tsv"))]
+
+
+def load_test_examples(data_dir: str | os.PathLike, task_name: str, split: str = "test"
+                       ) -> tuple[list[str], list[GlueExample]]:
+    """The unlabelled rows of a test file: their indices (first column) and examples (label
+    None). A row with fewer columns than the header is an error naming ``file:line``."""
+    task = get_task(task_name)
+    if split not in dict(task.test_splits):
+        raise GlueDataError(f"{task.dir_name} has no test split {split!r}; its test files are "
+                            f"{', '.join(s + '.tsv' for s, _ in task.test_splits)}")
+    path = task_file(data_dir, task, split)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise GlueDataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not lines or not lines[0].strip():
+        raise GlueDataError(f"{path}:1: missing header line")
+    header = [c.strip() for c in lines[0].rstrip("\r").split("\t")]
+    a, b = (_column_index(task, header, c, path) if c is not None else None
+            for c in task.test_text)
+    indices: list[str] = []
+    examples: list[GlueExample] = []
+    for lineno, line in enumerate(lines[1:], 2):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < len(header) or (len(fields) > len(header)
+                                         and not task.extra_columns_ok):
+            raise GlueDataError(f"{path}:{lineno}: expected {len(header)} tab-separated columns "
+                                f"for the {task.dir_name} test file, found {len(fields)}")
+        indices.append(fields[0])
+        examples.append(GlueExample(guid=f"{path}:{lineno}", text_a=fields[a],
+                                    text_b=fields[b] if b is not None else None, label=None))
+    if not examples:
+        raise GlueDataError(f"{path}: no rows")
+    return indices, examples
+
+
+def write_submission(path: str | os.PathLike, task: GlueTask, indices: Sequence[str],
+                     predictions: torch.Tensor) -> None:
+    """Predictions in the GLUE benchmark's format: a header ``index<TAB>prediction``, then one
+    row per test example with the task's label name (``0``/``1``, ``entailment`` ...) or, for
+    STS-B, the score. ``predictions`` are the model's outputs, ``[n, num_labels]``."""
+    if len(indices) != predictions.shape[0]:
+        raise ValueError(f"{len(indices)} test examples but {predictions.shape[0]} predictions")
+    if task.is_regression:
+        values = [f"{v:.3f}" for v in predictions.reshape(-1).tolist()]
+    else:
+        values = [task.labels[i] for i in predictions.argmax(-1).tolist()]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("index\tprediction\n")
+        f.writelines(f"{i}\t{v}\n" for i, v in zip(indices, values))
+
+
 @dataclass(frozen=True)
 class GlueFeatures:
     """Tokenized examples as tensors: ``inputs`` = (input_ids, token_type_ids, attention_mask),
-    each int64 [n, max_seq_length], and ``labels`` int64 [n] (float32 [n] for STS-B)."""
+    each int64 [n, max_seq_length], and ``labels`` int64 [n] (float32 [n] for STS-B; None for a
+    test file)."""
 
     input_ids: torch.Tensor
     token_type_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
 
     @property
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,8 +349,11 @@ def encode_examples(examples: Sequence[GlueExample], tokenizer: BertTokenizerFas
                     [e.text_b for e in examples] if pair else None,
                     max_length=max_seq_length, padding="max_length", truncation="longest_first",
                     return_token_type_ids=True, return_attention_mask=True, return_tensors="pt")
-    is_float = isinstance(examples[0].label, float)
-    labels = torch.tensor([e.label for e in examples],
-                          dtype=torch.float32 if is_float else torch.int64)
+    if examples[0].label is None:
+        labels = None
+    else:
+        is_float = isinstance(examples[0].label, float)
+        labels = torch.tensor([e.label for e in examples],
+                              dtype=torch.float32 if is_float else torch.int64)
     return GlueFeatures(enc["input_ids"].long(), enc["token_type_ids"].long(),
                         enc["attention_mask"].long(), labels)

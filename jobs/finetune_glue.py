@@ -12,6 +12,14 @@ epochs and seed. The checkpoint of pre-training epoch ``--epoch`` (written by
 is fine-tuned data-parallel on Ray with this runtime at depth 1 (``--num_replicas`` replicas,
 vanilla minibatch semantics), then each dev set of the task is scored with the task's official
 metric(s) and the scores are written as JSON (``<output_dir>/scores_<task>.json``).
+
+``--checkpoint_path`` may also be a transformers ``save_pretrained`` directory (``BertModel`` or
+``BertForPreTraining``, e.g. ``bert-base-uncased`` or the output of ``jobs/export_hf.py``); the
+vocab and lower-casing then come from its ``vocab.txt`` and ``tokenizer_config.json``. The
+fine-tuned classifier is saved as a ``BertForSequenceClassification`` directory with its tokenizer
+(``<output_dir>/model/``), and a task's ``test.tsv`` (MNLI: ``test_matched.tsv``,
+``test_mismatched.tsv``) is predicted into GLUE's submission format (``<output_dir>/SST-2.tsv``,
+``MNLI-m.tsv`` ...).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint), e.g. models.bert24.depth=8")
     p.add_argument("--bert_config_path", default=None, help="checked against the checkpoint's")
     p.add_argument("--checkpoint_path", required=True,
-                   help="--checkpoint_dir of the pre-training run, or one step-* directory")
+                   help="--checkpoint_dir of the pre-training run, one step-* directory, or a "
+                        "transformers directory (BertModel or BertForPreTraining; its vocab.txt "
+                        "and lower-casing are used)")
     p.add_argument("--epoch", type=int, default=None,
                    help="pre-training epoch whose checkpoint to use (default: the newest)")
     p.add_argument("--num_stages", type=int, default=None,
@@ -124,6 +135,73 @@ def check_against_checkpoint(args, pretrained) -> None:
                            f"checkpoint's bert config: {diff} (flag, checkpoint)")
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """The BERT fine-tuning starts from, and the tokenizer it was pre-trained with."""
+
+    model_config: Any                  # stages.BertModelConfig
+    hf_state_dict: dict[str, Any]      # BertForPreTraining names (bert.* are used)
+    vocab_path: str
+    do_lower_case: bool
+    description: str                   # for the log
+    record: dict[str, Any]             # for scores_<task>.json
+
+
+def checkpoint_source(args, log) -> ModelSource:
+    """A pre-training checkpoint of jobs/pretrain_bert24.py (the seed's flags describe it)."""
+    from stages.bert_checkpoint import read_pretrained_bert
+
+    pretrained = read_pretrained_bert(args.checkpoint_path, args.epoch, report=log)
+    check_against_checkpoint(args, pretrained)
+    extra = pretrained.checkpoint.extra
+    vocab = args.vocab_path or extra.get("vocab_path")
+    if not vocab or not os.path.exists(vocab):
+        raise JobError(f"vocab {vocab!r} not found; pass --vocab_path (the pre-training vocab)")
+    lower = args.do_lower_case if args.do_lower_case is not None else extra.get("do_lower_case",
+                                                                               True)
+    return ModelSource(pretrained.model_config, pretrained.hf_state_dict, vocab, bool(lower),
+                       f"{pretrained.checkpoint.path} (pre-training epoch {extra.get('epoch')}, "
+                       f"{pretrained.describe()}, merged)",
+                       {"checkpoint": str(pretrained.checkpoint.path),
+                        "pretraining_epoch": extra.get("epoch")})
+
+
+def transformers_source(args, log) -> ModelSource:
+    """A transformers ``save_pretrained`` directory (BertModel or BertForPreTraining); its
+    ``vocab.txt`` and ``tokenizer_config.json`` give the tokenizer unless the flags do."""
+    from stages import BertModelConfig
+    from stages.hf_interop import hf_tokenizer_settings, read_hf_encoder
+
+    directory = args.checkpoint_path
+    given = [flag for flag, value in (("--epoch", args.epoch), ("-m", args.module),
+                                      ("--num_stages", args.num_stages)) if value is not None]
+    if given:
+        raise JobError(f"{' '.join(given)} describe a pre-training checkpoint of "
+                       f"jobs/pretrain_bert24.py, but --checkpoint_path {directory} is a "
+                       "transformers directory (one unsplit BERT); drop them")
+    cfg, hf_state = read_hf_encoder(directory, seed=args.seed)
+    if args.bert_config_path:
+        want = BertModelConfig.from_json(args.bert_config_path)
+        if want.to_dict() != cfg.to_dict():
+            diff = {k: (v, cfg.to_dict().get(k)) for k, v in want.to_dict().items()
+                    if cfg.to_dict().get(k) != v}
+            raise JobError(f"--bert_config_path {args.bert_config_path} differs from "
+                           f"{directory}/config.json: {diff} (flag, directory)")
+    dir_vocab, dir_lower = hf_tokenizer_settings(directory)
+    vocab = args.vocab_path or dir_vocab
+    if not vocab:
+        raise JobError(f"{directory} holds no vocab.txt; pass --vocab_path with the vocab the "
+                       "model was trained with")
+    if not os.path.isfile(vocab):
+        raise JobError(f"--vocab_path {vocab}: no such file")
+    lower = args.do_lower_case if args.do_lower_case is not None else (
+        dir_lower if dir_lower is not None else True)
+    return ModelSource(cfg, hf_state, vocab, bool(lower),
+                       f"transformers directory {directory} ({cfg.num_hidden_layers} layers x "
+                       f"{cfg.hidden_size}; vocab {vocab}, do_lower_case={bool(lower)})",
+                       {"checkpoint": str(directory), "pretraining_epoch": None})
+
+
 def steps_of(features, indices, b: int, m: int, w: int) -> list[list[tuple]]:
     """Cut ``indices`` into steps of m*w microbatches of b examples (the last partial step is
     dropped); replica r takes microbatches r::w."""
@@ -155,12 +233,15 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     import ray
     import torch
 
-    from data.glue import encode_examples, get_task, load_examples, task_file
+    from transformers.utils import logging as transformers_logging
+
+    from data.glue import (encode_examples, get_task, load_examples, load_test_examples,
+                           present_test_splits, task_file, write_submission)
     from data.glue_metrics import glue_metrics
     from data.vocab import load_tokenizer
     from pd2bw_ray import ActorResources, PipelineConfig, PipelineTrainer
-    from stages.bert_checkpoint import read_pretrained_bert
     from stages.bert_glue import BertClassifier, GlueLoss
+    from stages.hf_interop import is_hf_directory
     from stages.bert_optim import BertAdamW, WarmupLinearDecay
 
     if not (args.do_train or args.do_eval):
@@ -168,25 +249,21 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     task = get_task(args.task_name)
     for split in (("train",) if args.do_train else ()) + (task.dev_splits if args.do_eval else ()):
         task_file(args.data_dir, task, split)      # missing files fail before any work
-    pretrained = read_pretrained_bert(args.checkpoint_path, args.epoch, report=log)
-    check_against_checkpoint(args, pretrained)
-    extra = pretrained.checkpoint.extra
-    vocab = args.vocab_path or extra.get("vocab_path")
-    if not vocab or not os.path.exists(vocab):
-        raise JobError(f"vocab {vocab!r} not found; pass --vocab_path (the pre-training vocab)")
-    lower = args.do_lower_case if args.do_lower_case is not None else extra.get("do_lower_case",
-                                                                               True)
-    if args.max_seq_length > pretrained.model_config.max_position_embeddings:
+    # transformers' own loading/saving bars are not progress of this job
+    transformers_logging.disable_progress_bar()
+    if is_hf_directory(args.checkpoint_path):
+        source = transformers_source(args, log)
+    else:
+        source = checkpoint_source(args, log)
+    if args.max_seq_length > source.model_config.max_position_embeddings:
         raise JobError(f"--max_seq_length {args.max_seq_length} exceeds the model's "
-                       f"max_position_embeddings={pretrained.model_config.max_position_embeddings}")
-    tokenizer = load_tokenizer(vocab, do_lower_case=lower)
-    log(f"[glue] {task.dir_name}: BERT from {pretrained.checkpoint.path} (pre-training epoch "
-        f"{extra.get('epoch')}, {pretrained.describe()}, merged)")
-    model = BertClassifier(pretrained.model_config, task.num_labels,
-                           pretrained.hf_state_dict, seed=args.seed)
+                       f"max_position_embeddings={source.model_config.max_position_embeddings}")
+    tokenizer = load_tokenizer(source.vocab_path, do_lower_case=source.do_lower_case)
+    log(f"[glue] {task.dir_name}: BERT from {source.description}")
+    model = BertClassifier(source.model_config, task.num_labels, source.hf_state_dict,
+                           seed=args.seed)
     loss_fn = GlueLoss(task.num_labels)
-    result: dict[str, Any] = {"task": task.dir_name, "checkpoint": str(pretrained.checkpoint.path),
-                              "pretraining_epoch": extra.get("epoch")}
+    result: dict[str, Any] = {"task": task.dir_name, **source.record}
     if args.do_train:
         train = encode_examples(load_examples(args.data_dir, task.name, "train"), tokenizer,
                                 args.max_seq_length)
@@ -241,6 +318,20 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         result["scores"] = scores
     out = Path(args.output_dir or Path(args.checkpoint_path) / "glue")
     out.mkdir(parents=True, exist_ok=True)
+    if args.do_train:
+        model.save_pretrained(out / "model", labels=task.labels, vocab_path=source.vocab_path,
+                              do_lower_case=source.do_lower_case)
+        result["model"] = str(out / "model")
+        log(f"[glue] fine-tuned model written to {out / 'model'} (BertForSequenceClassification "
+            "with its tokenizer; from_pretrained loads it)")
+    for split, stem in present_test_splits(args.data_dir, task):
+        indices, examples = load_test_examples(args.data_dir, task.name, split)
+        preds = evaluate(model, encode_examples(examples, tokenizer, args.max_seq_length),
+                         args.eval_batch_size)
+        write_submission(out / f"{stem}.tsv", task, indices, preds)
+        result.setdefault("test_predictions", {})[split] = str(out / f"{stem}.tsv")
+        log(f"[glue] {task.dir_name} {split}: {len(indices)} predictions written to "
+            f"{out / (stem + '.tsv')} (GLUE submission format)")
     path = out / f"scores_{task.name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     log(f"[glue] results written to {path}")

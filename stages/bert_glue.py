@@ -8,7 +8,8 @@ squared error for the regression task (STS-B), as transformers computes them.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+import os
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,21 @@ class BertClassifier(nn.Module):
     def forward(self, input_ids, token_type_ids, attention_mask):
         return self.model(input_ids=input_ids, token_type_ids=token_type_ids,
                           attention_mask=attention_mask).logits
+
+    def save_pretrained(self, directory: str | os.PathLike, *, labels: Sequence[str] | None,
+                        vocab_path: str | os.PathLike, do_lower_case: bool) -> None:
+        """Write the classifier as a directory that ``BertForSequenceClassification`` and
+        ``AutoTokenizer`` load with ``from_pretrained``: config (with the task's label names),
+        safetensors weights and the tokenizer it was fine-tuned with."""
+        from stages.hf_interop import save_hf_tokenizer
+
+        config = self.model.config
+        if labels is not None:
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {name: i for i, name in enumerate(labels)}
+        config.architectures = ["BertForSequenceClassification"]
+        self.model.save_pretrained(directory)
+        save_hf_tokenizer(vocab_path, do_lower_case, directory, config.max_position_embeddings)
 
 
 class GlueLoss(nn.Module):
