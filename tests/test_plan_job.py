@@ -91,3 +91,29 @@ def test_the_planner_command_runs_outside_the_repo_from_a_plain_install(tmp_path
     assert "chosen: depth" in p.stdout and "samples/s" in p.stdout
     conf = json.loads((elsewhere / "plan" / "conf.json").read_text())
     assert sum(len(r) for r in conf["stage_to_rank_map"].values()) == 4
+
+
+def test_depth_auto_with_given_workers_of_no_cpu_shares_the_clusters_memory(ray_cluster,
+                                                                             tmp_path):
+    """--num_workers for stages of --num_cpus_per_stage 0 (which Ray cannot count): the memory
+    per worker is the cluster's over the workers, and the saved profile is reused."""
+    from jobs.pretrain_bert24 import build_parser, plan_for_cluster
+    from pd2bw_ray.planner import format_bytes
+    from stages import BertModelConfig
+    from stages.bert_planner import profile_bert
+
+    cfg = BertModelConfig.from_json(ROOT / "configs" / "bert_config_tiny.json")
+    path = tmp_path / "tiny.profile.json"
+    profile_bert(cfg, seq_length=16, microbatch_sizes=(1, 2), repeats=1).save(path)
+    args = build_parser().parse_args([
+        "--module", "models.bert4.depth=auto", "--num_cpus_per_stage", "0", "--num_workers", "2",
+        "--max_seq_length", "16", "--train_batch_size", "2", "--microbatch_sizes", "1,2",
+        "--profile_path", str(path)])
+    lines: list[str] = []
+    plan = plan_for_cluster(args, cfg, lines.append)
+    nodes = [n for n in ray_cluster.nodes() if n.get("Alive")]
+    memory = int(sum(n["Resources"].get("memory", 0) for n in nodes)) // 2
+    assert f"for 2 workers (2 per node, CPUs), {format_bytes(memory)} each, global batch 4" \
+        in lines[0]
+    assert plan.pipeline_config.world_size == 2
+    assert any(x.startswith("[pretrain] planner chose") for x in lines)
