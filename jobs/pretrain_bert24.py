@@ -273,8 +273,10 @@ def load_model_and_layout(args: argparse.Namespace, log=print) -> Layout:
                                "or plan with python -m stages.plan and pass what it chose")
         plan = plan_for_cluster(args, model_cfg, log)
         spec = plan.module_spec
+    costs = partition_cost_model(args, model_cfg, spec, log)
     partition = parse_module_spec(spec, model_cfg.num_hidden_layers,
-                                  config_source=args.bert_config_path)
+                                  config_source=args.bert_config_path, cost_model=costs)
+    log(f"[pretrain] {partition.to_spec()}: {costs.stage_costs(partition).describe()}")
     if plan is not None:
         conf = plan.pipeline_config
     elif args.config_path:
@@ -299,6 +301,40 @@ def load_model_and_layout(args: argparse.Namespace, log=print) -> Layout:
                        f"microbatches per update as stages; pass --microbatches_per_update {d} "
                        "or more, or drop it (m = stages x --gradient_accumulation_steps)")
     return Layout(model_cfg, partition, model, conf, b, m, source, recompute)
+
+
+def partition_cost_model(args: argparse.Namespace, model_cfg, spec: str, log):
+    """What ``models.bert<L>.depth=D`` balances: the planner's profile at ``--profile_path`` when
+    one was measured there for this model, sequence length and microbatch size, else the
+    analytic model of ``stages.bert_cost`` for the device the stages run on."""
+    import re
+
+    from pd2bw_ray.planner import ModelProfile, PlanError
+    from stages.bert_cost import CostModel
+
+    b = args.train_batch_size
+    depth = re.search(r"depth=([0-9]+)$", spec.strip())
+    modules = int(depth[1]) if depth else len(spec.split(","))
+    m = args.microbatches_per_update or modules * (args.gradient_accumulation_steps or 1)
+    if args.profile_path and os.path.exists(args.profile_path):
+        try:
+            profile = ModelProfile.load(args.profile_path)
+            profile.at(b)
+        except PlanError as e:
+            log(f"[pretrain] --profile_path: {e}; balancing the partition with the analytic "
+                "cost model instead")
+        else:
+            desc = profile.description
+            if (profile.num_layers == model_cfg.num_hidden_layers
+                    and profile.seq_length == args.max_seq_length
+                    and desc.get("model", model_cfg.to_dict()) == model_cfg.to_dict()):
+                return CostModel(profile, b, m)
+            log(f"[pretrain] --profile_path {args.profile_path} was measured for another model "
+                "or sequence length; balancing the partition with the analytic cost model")
+    device = "cuda" if args.num_gpus_per_stage > 0 else "cpu"
+    return CostModel.analytic(model_cfg, seq_length=args.max_seq_length, microbatch_size=b,
+                              num_microbatches=m, device=device,
+                              torch_threads=args.torch_threads)
 
 
 def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
@@ -330,6 +366,8 @@ def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
     elif any(fits):
         memory = min(int(n["Resources"].get("memory", 0)) // f for n, f in zip(nodes, fits)
                      if f > 0)
+    else:       # --num_workers given for stages of no CPU: share the cluster's memory
+        memory = int(sum(n["Resources"].get("memory", 0) for n in nodes)) // workers
     gas = args.gradient_accumulation_steps or 1
     batch = args.global_batch_size or args.train_batch_size * gas * workers
     sizes = tuple(int(x) for x in args.microbatch_sizes.split(",") if x.strip())
@@ -373,8 +411,6 @@ def _gpu_memory() -> int:
 def prepared_shards(args: argparse.Namespace) -> list[str] | None:
     """If --train_path holds Parquet shards: all of them, each checked for the columns training
     needs and for --max_seq_length. None if it is raw text (to be prepared)."""
-    else:       # --num_workers given for stages of no CPU: share the cluster's memory
-        memory = int(sum(n["Resources"].get("memory", 0) for n in nodes)) // workers
     from data.shards import check_shard, list_shards
 
     path = Path(args.train_path)
