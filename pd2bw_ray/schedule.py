@@ -1,187 +1,173 @@
-"""Pipeline schedules as pure functions: per-stage action lists, the 2BW version rule, a simulator.
+"""Pipeline schedules lowered to per-rank action lists, the version rule, and a simulator.
 
-A schedule is data. For a call of ``train()`` covering steps ``first..last`` (one step = one weight
-update = ``m`` microbatches per replica), ``stage_actions`` gives the list of actions stage ``s``
-executes, in order: forward/backward of microbatch ``(step, i)`` on weight version ``v``, sends and
-receives of activations/gradients to a neighbouring stage, and per step a gradient reduction
-(``REDUCE``) and weight update (``UPDATE``). Every replica of a stage runs the same list (replica
-``r`` talks to replica ``r`` of the neighbouring stages). Stage actors only execute actions; a new
-schedule never touches the actor.
+A schedule is data. ``pd2bw_ray.schedules`` holds each schedule as an object in a constant
+registry; it gives only the order of computations per rank (``F``, ``B``, or ``I``/``W`` for a split
+backward, with the stage each belongs to) and its version rule. ``call_actions`` lowers that order
+in one pass to what a rank executes for a call of ``train()`` covering steps ``first..last`` (one
+step = one weight update = ``m`` microbatches per replica): a receive before and a send after each
+computation that needs one, per step a gradient reduction (``REDUCE``) after the rank's last
+weight gradient of the step and a weight update (``UPDATE``), cut into one chunk per step. Every
+replica of a stage runs the same list (replica ``r`` talks to replica ``r`` of the neighbouring
+stages). Stage actors only execute actions; a new schedule never touches the actor.
 
-Schedules:
+Schedules (``pd2bw_ray/schedules/``):
 - ``2bw`` (PipeDream-2BW): 1F1B over the whole call, never drained between steps. Step ``t``'s
   microbatches use version ``W(t-1)``; ``UPDATE(t)`` makes ``W(t+1)`` just before the first forward
   that needs it (step ``t+2``), so the gradient all-reduce has a whole step to complete.
 - ``flush`` (PipeDream-Flush): 1F1B within each step, drained before the update.
 - ``gpipe``: all forwards of a step, then all backwards, drained before the update.
+- ``interleaved``: Megatron's interleaved 1F1B, ``v`` virtual stages per rank, drained per step.
+- ``zb-h1``: Zero Bubble H1, backward split into ``I`` and ``W``, drained per step.
 
-The actions of one call are cut into one chunk per step (``step_actions``) so the driver can stream
-data: under 2bw chunk ``t`` holds the actions up to the forward of step ``t``'s last microbatch, and
-the last chunk also holds the drain; under flush and gpipe chunk ``t`` is the whole step ``t``. A chunk depends only on whether later steps exist, never on how many.
+Where chunks are cut: a schedule with version lag 0 drains each step, and chunk ``t`` is the whole
+step ``t``; under 2bw chunk ``t`` holds the actions up to the rank's last forward of step ``t``, and
+the last chunk also holds the drain. A chunk depends only on whether later steps exist, never on
+how many.
+
+Stages and ranks: ``d`` ranks form a pipeline; with ``stages_per_rank`` ``v`` > 1 there are ``d v``
+stages and stage ``s`` lives on rank ``s % d`` (PipeDream's conf with stage ``s`` and ``s + d`` on
+the same ranks); ``stage`` and ``num_stages`` arguments below count ranks of a pipeline, which
+equal stages when ``v`` is 1.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from enum import Enum
 from typing import Iterable, Sequence
 
+from . import schedules
 from .config import SCHEDULES, ConfigError
+from .schedules import COMPUTE, Action, Kind, Schedule
 
-
-class Kind(str, Enum):
-    FORWARD = "F"
-    BACKWARD = "B"
-    SEND_ACT = "SA"      # send this microbatch's output activations to stage peer (= s + 1)
-    RECV_ACT = "RA"      # receive this microbatch's input activations from stage peer (= s - 1)
-    SEND_GRAD = "SG"     # send the gradient of this microbatch's inputs to stage peer (= s - 1)
-    RECV_GRAD = "RG"     # receive the gradient of this microbatch's outputs from peer (= s + 1)
-    REDUCE = "R"         # start averaging the step's gradients (replicas, tied copies, norm)
-    UPDATE = "U"         # wait for the reduction, apply the optimizer: creates version `version`
-
-
-@dataclass(frozen=True)
-class Action:
-    """One thing a stage does. ``microbatch`` is the index within ``step`` (-1 for REDUCE/UPDATE);
-    ``version`` is the weight version used (F/B) or created (UPDATE); ``peer`` the other stage."""
-
-    kind: Kind
-    step: int
-    microbatch: int = -1
-    version: int = -1
-    peer: int | None = None
-
-    def __str__(self) -> str:
-        if self.kind in (Kind.FORWARD, Kind.BACKWARD):
-            return f"{self.kind.value}{self.step}.{self.microbatch}@v{self.version}"
-        if self.kind in (Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD):
-            return f"{self.kind.value}{self.step}.{self.microbatch}:{self.peer}"
-        if self.kind is Kind.UPDATE:
-            return f"U{self.step}->v{self.version}"
-        return f"{self.kind.value}{self.step}"
+__all__ = ["Action", "Kind", "ScheduleError", "SimulationResult", "call_actions", "check_schedule",
+           "check_shape", "format_actions", "simulate", "stage_actions", "step_actions",
+           "weight_version"]
 
 
 def weight_version(schedule: str, step: int) -> int:
     """The weight version that all microbatches of ``step`` use, in forward and backward alike.
 
-    PipeDream-2BW: ``W(t+1) = W(t) - lr * grad f(W(t-1))`` with ``W(-1) = W(0)``: the gradient
-    applied by update ``t`` is computed on the version one older than the one it updates, the same
-    staleness of one for every stage, so step ``t`` runs on ``W(max(t-1, 0))``. Each stage then
-    holds at most two versions: ``W(t)`` (in use by step ``t+1``) and the newest ``W(t+1)``.
+    PipeDream-2BW (version lag 1): ``W(t+1) = W(t) - lr * grad f(W(t-1))`` with ``W(-1) = W(0)``:
+    the gradient applied by update ``t`` is computed on the version one older than the one it
+    updates, the same staleness of one for every stage, so step ``t`` runs on ``W(max(t-1, 0))``.
+    Each stage then holds at most two versions: ``W(t)`` (in use by step ``t+1``) and the newest
+    ``W(t+1)``.
 
-    PipeDream-Flush and GPipe: ``W(t+1) = W(t) - lr * grad f(W(t))``, plain minibatch SGD.
+    PipeDream-Flush, GPipe, interleaved and zb-h1 (version lag 0):
+    ``W(t+1) = W(t) - lr * grad f(W(t))``, plain minibatch SGD.
     """
-    check_schedule(schedule)
+    lag = schedules.get(schedule).version_lag
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    if schedule == "2bw":
-        return max(step - 1, 0)
-    return step
+    return max(step - lag, 0)
 
 
 def check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    """Raise ConfigError unless the runtime (``PipelineTrainer``) can run ``schedule``."""
+    sched = schedules.get(schedule)
+    if sched.name not in SCHEDULES:
+        raise ConfigError(f"schedule {schedule!r} has action lists (pd2bw_ray/schedules) but the "
+                          f"runtime cannot run it yet; choose one of {', '.join(SCHEDULES)}")
 
 
-def check_shape(schedule: str, num_stages: int, num_microbatches: int) -> None:
-    """Raise ConfigError unless the schedule can run ``num_stages`` stages with ``m`` microbatches."""
+def check_shape(schedule: str, num_stages: int, num_microbatches: int,
+                stages_per_rank: int = 1) -> None:
+    """Raise ConfigError unless the runtime can run ``schedule`` on ``num_stages`` ranks per
+    pipeline, each holding ``stages_per_rank`` stages, with ``m`` microbatches per step."""
     check_schedule(schedule)
-    if num_stages < 1:
-        raise ConfigError(f"need at least one stage, got {num_stages}")
-    if num_microbatches < 1:
-        raise ConfigError(f"num_microbatches must be >= 1, got {num_microbatches}")
-    if schedule == "2bw" and num_microbatches < num_stages:
-        raise ConfigError(
-            f"schedule '2bw' needs num_microbatches (m) >= number of stages (d) so that a stage "
-            f"never needs a third weight version; got m={num_microbatches} < d={num_stages}. "
-            f"Raise num_microbatches (e.g. --gradient_accumulation_steps) to at least "
-            f"{num_stages}, or use fewer stages.")
+    schedules.get(schedule).check_shape(num_stages, num_microbatches, stages_per_rank)
 
 
-def _compute_order(schedule: str, stage: int, d: int, m: int, n_steps: int) -> list[tuple[str, int]]:
-    """Forward/backward order of one stage over a call, as ("F"|"B", call-local microbatch id)."""
-    order: list[tuple[str, int]] = []
-
-    def one_f_one_b(ids: Sequence[int]) -> None:
-        warm = min(d - stage - 1, len(ids))
-        order.extend(("F", k) for k in ids[:warm])
-        for j in range(warm, len(ids)):
-            order.append(("F", ids[j]))
-            order.append(("B", ids[j - warm]))
-        order.extend(("B", k) for k in ids[len(ids) - warm:])
-
-    if schedule == "2bw":
-        one_f_one_b(list(range(n_steps * m)))
-    else:
-        for t in range(n_steps):
-            ids = list(range(t * m, (t + 1) * m))
-            if schedule == "flush":
-                one_f_one_b(ids)
-            else:  # gpipe
-                order.extend(("F", k) for k in ids)
-                order.extend(("B", k) for k in ids)
-    return order
-
-
-def call_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int,
-                 first_step: int, last_step: int) -> list[list[Action]]:
-    """All actions of ``stage`` for a call covering steps ``first_step..last_step``, one list per
-    step (chunk). See the module docstring for where chunks are cut."""
-    check_shape(schedule, num_stages, num_microbatches)
-    if not 0 <= stage < num_stages:
-        raise ValueError(f"stage {stage} out of range for {num_stages} stages")
-    if last_step < first_step:
-        raise ValueError(f"empty call: last_step {last_step} < first_step {first_step}")
-    d, m, s = num_stages, num_microbatches, stage
+def _lower(sched: Schedule, rank: int, d: int, m: int, first_step: int, last_step: int,
+           v: int) -> list[list[Action]]:
+    """The one lowering pass: the schedule's computations of ``rank`` for a call, with the
+    messages, reductions and updates added, cut into one chunk per step."""
     n = last_step - first_step + 1
+    last_stage = d * v - 1
+    lag = sched.version_lag
     chunks: list[list[Action]] = [[] for _ in range(n)]
     chunk = 0
-    pending_updates: deque[int] = deque()   # 2bw: reduced steps whose UPDATE is not placed yet
-    backwards_done = [0] * n
+    pending_updates: deque[int] = deque()   # lag > 0: reduced steps whose UPDATE is not placed yet
+    forwards_left = [m * v] * n             # per step of the call, on this rank
+    weights_left = [m * v] * n              # weight gradients (B or W) still to compute
+    started = [False] * n                   # whether the rank ran a forward of the step
 
-    def mb(k: int) -> tuple[int, int]:
-        return first_step + k // m, k % m
-
-    for kind, k in _compute_order(schedule, s, d, m, n):
-        step, i = mb(k)
-        v = weight_version(schedule, step)
-        if kind == "F":
-            if schedule == "2bw" and i == 0:
-                # W(step-1) must exist before the first forward of `step`: place UPDATE(step-2).
-                while pending_updates and pending_updates[0] <= step - 2:
+    for c in sched.compute_order(rank, d, m, first_step, n, v):
+        t, i, s = c.step, c.microbatch, c.stage
+        if not (first_step <= t <= last_step and 0 <= i < m and s is not None
+                and 0 <= s <= last_stage and s % d == rank and c.kind in COMPUTE):
+            raise ScheduleError(f"schedule {sched.name!r}: rank {rank} of {d} computes {c} "
+                                f"(stage {s}), outside its stages or the call")
+        k = t - first_step
+        tag = s if v > 1 else None      # name the stage only where a rank holds several
+        ver = weight_version(sched.name, t)
+        emit = chunks[chunk].append
+        if c.kind is Kind.FORWARD:
+            if not started[k]:
+                started[k] = True
+                # The version this step runs on must exist before its first forward: place the
+                # updates that create it, as late as possible (2bw: UPDATE(t-2) before step t).
+                while pending_updates and pending_updates[0] + 1 <= ver:
                     u = pending_updates.popleft()
-                    chunks[chunk].append(Action(Kind.UPDATE, u, version=u + 1))
+                    emit(Action(Kind.UPDATE, u, version=u + 1))
             if s > 0:
-                chunks[chunk].append(Action(Kind.RECV_ACT, step, i, peer=s - 1))
-            chunks[chunk].append(Action(Kind.FORWARD, step, i, version=v))
-            if s < d - 1:
-                chunks[chunk].append(Action(Kind.SEND_ACT, step, i, peer=s + 1))
-            if schedule == "2bw" and i == m - 1 and step - first_step < n - 1:
-                chunk += 1      # a 2bw chunk ends with the forward of its step's last microbatch
+                emit(Action(Kind.RECV_ACT, t, i, peer=s - 1, stage=tag))
+            emit(Action(Kind.FORWARD, t, i, version=ver, stage=tag))
+            if s < last_stage:
+                emit(Action(Kind.SEND_ACT, t, i, peer=s + 1, stage=tag))
+            forwards_left[k] -= 1
+            if lag and forwards_left[k] == 0 and k < n - 1:
+                chunk += 1      # a pipelined chunk ends with the rank's last forward of its step
+            continue
+        if c.kind in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
+            # B, and I alike, take the output gradient and send the input gradient at once
+            if s < last_stage:
+                emit(Action(Kind.RECV_GRAD, t, i, peer=s + 1, stage=tag))
+            emit(Action(c.kind, t, i, version=ver, stage=tag))
+            if s > 0:
+                emit(Action(Kind.SEND_GRAD, t, i, peer=s - 1, stage=tag))
         else:
-            if s < d - 1:
-                chunks[chunk].append(Action(Kind.RECV_GRAD, step, i, peer=s + 1))
-            chunks[chunk].append(Action(Kind.BACKWARD, step, i, version=v))
-            if s > 0:
-                chunks[chunk].append(Action(Kind.SEND_GRAD, step, i, peer=s - 1))
-            backwards_done[step - first_step] += 1
-            if backwards_done[step - first_step] == m:
-                chunks[chunk].append(Action(Kind.REDUCE, step))
-                if schedule == "2bw":
-                    pending_updates.append(step)
+            emit(Action(c.kind, t, i, version=ver, stage=tag))
+        if c.kind in (Kind.BACKWARD, Kind.BACKWARD_WEIGHT):
+            weights_left[k] -= 1
+            if weights_left[k] == 0:
+                emit(Action(Kind.REDUCE, t))
+                if lag:
+                    pending_updates.append(t)
                 else:
-                    chunks[chunk].append(Action(Kind.UPDATE, step, version=step + 1))
-                    if step - first_step < n - 1:
-                        chunk += 1   # a flush/gpipe chunk is its whole, drained step
+                    emit(Action(Kind.UPDATE, t, version=t + 1))
+                    if k < n - 1:
+                        chunk += 1   # a drained chunk is its whole step
+    if any(forwards_left) or any(weights_left):
+        raise ScheduleError(f"schedule {sched.name!r}: rank {rank} of {d} ({v} stages per rank, "
+                            f"m={m}) leaves forwards {forwards_left} and weight gradients "
+                            f"{weights_left} per step undone")
     for u in pending_updates:   # the drain at the end of the call
         chunks[-1].append(Action(Kind.UPDATE, u, version=u + 1))
     return chunks
 
 
+def call_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int,
+                 first_step: int, last_step: int, stages_per_rank: int = 1) -> list[list[Action]]:
+    """All actions of rank ``stage`` of ``num_stages`` for a call covering steps
+    ``first_step..last_step``, one list per step (chunk). See the module docstring for where
+    chunks are cut."""
+    sched = schedules.get(schedule)
+    sched.check_shape(num_stages, num_microbatches, stages_per_rank)
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage {stage} out of range for {num_stages} stages")
+    if last_step < first_step:
+        raise ValueError(f"empty call: last_step {last_step} < first_step {first_step}")
+    if first_step < 0:
+        raise ValueError(f"first_step must be >= 0, got {first_step}")
+    return _lower(sched, stage, num_stages, num_microbatches, first_step, last_step,
+                  stages_per_rank)
+
+
 def step_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int,
-                 step: int, first_step: int, is_last: bool) -> list[Action]:
+                 step: int, first_step: int, is_last: bool, stages_per_rank: int = 1
+                 ) -> list[Action]:
     """The chunk of actions for ``step`` in a call starting at ``first_step``.
 
     ``is_last`` says whether ``step`` is the call's last step (its chunk then holds the drain).
@@ -193,23 +179,24 @@ def step_actions(schedule: str, stage: int, num_stages: int, num_microbatches: i
     # Generate from a short window instead of the whole call. A chunk never depends on how many
     # steps follow, only on whether one does (so end the window at step + 1). Under 2bw, chunk t
     # only touches steps t-1 and t and UPDATE(t-2) (warm-up is < m forwards because m >= d), so a
-    # call starting two steps earlier yields the same chunk; flush and gpipe chunks are one step.
-    window_first = max(first_step, step - 2) if schedule == "2bw" else step
+    # call starting two steps earlier yields the same chunk; a drained chunk is one step.
+    lag = schedules.get(schedule).version_lag
+    window_first = max(first_step, step - 2) if lag else step
     last = step if is_last else step + 1
     return call_actions(schedule, stage, num_stages, num_microbatches,
-                        window_first, last)[step - window_first]
+                        window_first, last, stages_per_rank)[step - window_first]
 
 
 def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int,
-                  num_steps: int, first_step: int = 0) -> list[Action]:
-    """The whole action list of ``stage`` for a call of ``num_steps`` steps."""
+                  num_steps: int, first_step: int = 0, stages_per_rank: int = 1) -> list[Action]:
+    """The whole action list of rank ``stage`` for a call of ``num_steps`` steps."""
     chunks = call_actions(schedule, stage, num_stages, num_microbatches,
-                          first_step, first_step + num_steps - 1)
+                          first_step, first_step + num_steps - 1, stages_per_rank)
     return [a for c in chunks for a in c]
 
 
 # ------------------------------------------------------------------------------------------------
-# Simulation: run all stages' action lists against each other.
+# Simulation: run all ranks' action lists against each other.
 
 
 class ScheduleError(RuntimeError):
@@ -218,123 +205,155 @@ class ScheduleError(RuntimeError):
 
 @dataclass(frozen=True)
 class SimulationResult:
-    """What a simulated run of all stages did."""
+    """What a simulated run of all ranks did (per rank = per stage when each holds one)."""
 
-    rounds: int                      # scheduler rounds until every stage finished
-    max_in_flight: tuple[int, ...]   # per stage: most microbatches forwarded but not backwarded
-    max_live_versions: tuple[int, ...]  # per stage: most weight versions alive at once
-    order: tuple[tuple[int, Action], ...]  # (stage, action) in a valid global execution order
+    rounds: int                      # scheduler rounds until every rank finished
+    max_in_flight: tuple[int, ...]   # per rank: most microbatches forwarded whose input gradient
+    #                                  (B or I) is not computed yet, over all its stages
+    max_live_versions: tuple[int, ...]  # per rank: most weight versions alive at once
+    order: tuple[tuple[int, Action], ...]  # (rank, action) in a valid global execution order
+    max_held: tuple[int, ...] = ()   # per rank: most microbatches forwarded whose weight gradient
+    #                                  (B or W) is not computed yet: the activations it keeps
 
 
 def simulate(schedule: str, actions: Sequence[Sequence[Action]], num_microbatches: int,
              first_step: int = 0) -> SimulationResult:
-    """Execute every stage's action list against the others, like processes would.
+    """Execute every rank's action list against the others, like processes would.
 
-    Sends never block (they are asynchronous in the runtime); a receive blocks until the matching
-    send was issued on that channel (FIFO per (sender, receiver)), and must match it in kind, step
-    and microbatch. ``UPDATE(t)`` blocks until every stage issued ``REDUCE(t)`` (the most any
-    reduction waits for: the global gradient norm spans all stages). A forward or backward needs
-    its weight version to exist, and a stage keeps only versions still in use or the newest one.
-    Raises ScheduleError on a deadlock or any mismatch.
+    ``actions[r]`` is rank ``r``'s list; an action naming a ``stage`` belongs to that stage, which
+    must live on rank ``stage % d``, and one without belongs to stage ``r``. Sends never block
+    (they are asynchronous in the runtime); a receive blocks until a send was issued on that
+    channel, FIFO per (sending rank, receiving rank, kind) however many stages share the ranks,
+    and must match it in stage, step and microbatch. ``UPDATE(t)`` blocks until every rank issued
+    ``REDUCE(t)`` (the most any reduction waits for: the global gradient norm spans all stages).
+    A computation needs its weight version to exist, and a rank keeps only versions still in use
+    or the newest ``lag + 1``. ``B`` or ``I`` follows the microbatch's ``F`` on that stage and
+    version, ``W`` follows its ``I``, and ``REDUCE(t)`` follows every weight gradient of step
+    ``t`` on the rank. Raises ScheduleError on a deadlock or any mismatch.
     """
+    lag = schedules.get(schedule).version_lag
     d = len(actions)
+    stage_of = [[r if a.stage is None else a.stage for a in acts]
+                for r, acts in enumerate(actions)]
+    num_stages = max([d] + [s + 1 for ss in stage_of for s in ss])
+    for r, acts in enumerate(actions):
+        for j, a in enumerate(acts):
+            s = stage_of[r][j]
+            if a.kind in (Kind.REDUCE, Kind.UPDATE) and a.stage is not None:
+                raise ScheduleError(f"rank {r} action {j} ({a}): {a.kind.name} covers every "
+                                    "stage of the rank and names none")
+            if s % d != r:
+                raise ScheduleError(f"rank {r} action {j} ({a}): stage {s} lives on rank "
+                                    f"{s % d} of {d}")
     pcs = [0] * d
-    channels: dict[tuple[int, int, str], deque[tuple[int, int]]] = {}
+    channels: dict[tuple[int, int, str], deque[tuple[int, int, int]]] = {}
     reduced: dict[int, set[int]] = {}
-    versions: list[set[int]] = [{weight_version(schedule, first_step)} for _ in range(d)]
-    newest = [weight_version(schedule, first_step)] * d
-    if schedule == "2bw" and first_step > 0:
-        # A later call starts with W(first) and W(first-1) alive, as the previous call left them.
-        for s in range(d):
-            versions[s] = {first_step - 1, first_step}
-            newest[s] = first_step
-    in_flight: list[dict[tuple[int, int], int]] = [{} for _ in range(d)]
+    versions: list[set[int]] = [set(range(weight_version(schedule, first_step), first_step + 1))
+                                for _ in range(d)]
+    newest = [first_step] * d
+    # per rank: (stage, step, microbatch) -> [version, input gradient done]
+    in_flight: list[dict[tuple[int, int, int], list]] = [{} for _ in range(d)]
     max_in_flight = [0] * d
+    max_held = [0] * d
     max_versions = [len(v) for v in versions]
     order: list[tuple[int, Action]] = []
     rounds = 0
 
-    def gc_versions(s: int) -> None:
-        used = set(in_flight[s].values())
-        versions[s] = {v for v in versions[s] if v in used or v == newest[s]
-                       or v == newest[s] - 1 and schedule == "2bw"}
+    def gc_versions(r: int) -> None:
+        used = {v for v, _ in in_flight[r].values()}
+        versions[r] = {v for v in versions[r] if v in used or newest[r] - lag <= v}
 
-    while any(pcs[s] < len(actions[s]) for s in range(d)):
+    while any(pcs[r] < len(actions[r]) for r in range(d)):
         rounds += 1
         progressed = False
-        for s in range(d):
-            while pcs[s] < len(actions[s]):
-                a = actions[s][pcs[s]]
-                where = f"stage {s} action {pcs[s]} ({a})"
+        for r in range(d):
+            while pcs[r] < len(actions[r]):
+                a = actions[r][pcs[r]]
+                s = stage_of[r][pcs[r]]
+                where = f"rank {r} action {pcs[r]} ({a})" if num_stages > d else \
+                    f"stage {s} action {pcs[r]} ({a})"
+                key = (s, a.step, a.microbatch)
                 if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
                     want = s + 1 if a.kind is Kind.SEND_ACT else s - 1
-                    if a.peer != want or not 0 <= a.peer < d:
+                    if a.peer != want or not 0 <= a.peer < num_stages:
                         raise ScheduleError(f"{where}: sends to stage {a.peer}, expected {want}")
-                    channels.setdefault((s, a.peer, a.kind.value), deque()).append(
-                        (a.step, a.microbatch))
+                    channels.setdefault((r, a.peer % d, a.kind.value), deque()).append(key)
                 elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
                     want = s - 1 if a.kind is Kind.RECV_ACT else s + 1
-                    if a.peer != want or not 0 <= a.peer < d:
+                    if a.peer != want or not 0 <= a.peer < num_stages:
                         raise ScheduleError(f"{where}: receives from stage {a.peer}, "
                                             f"expected {want}")
                     sent_kind = "SA" if a.kind is Kind.RECV_ACT else "SG"
-                    q = channels.get((a.peer, s, sent_kind))
+                    q = channels.get((a.peer % d, r, sent_kind))
                     if not q:
                         break   # blocked
                     got = q.popleft()
-                    if got != (a.step, a.microbatch):
+                    if got != (a.peer, a.step, a.microbatch):
                         raise ScheduleError(f"{where}: receives step {a.step} microbatch "
-                                            f"{a.microbatch} but stage {a.peer} sent step "
-                                            f"{got[0]} microbatch {got[1]} first")
+                                            f"{a.microbatch} from stage {a.peer} but stage "
+                                            f"{got[0]} sent step {got[1]} microbatch {got[2]} "
+                                            "first")
                 elif a.kind is Kind.FORWARD:
-                    if a.version not in versions[s]:
-                        raise ScheduleError(f"{where}: needs weight version {a.version}, but stage "
-                                            f"{s} holds {sorted(versions[s])}")
-                    key = (a.step, a.microbatch)
-                    if key in in_flight[s]:
+                    if a.version not in versions[r]:
+                        raise ScheduleError(f"{where}: needs weight version {a.version}, but "
+                                            f"rank {r} holds {sorted(versions[r])}")
+                    if key in in_flight[r]:
                         raise ScheduleError(f"{where}: forward of a microbatch already in flight")
-                    in_flight[s][key] = a.version
-                    max_in_flight[s] = max(max_in_flight[s], len(in_flight[s]))
-                elif a.kind is Kind.BACKWARD:
-                    key = (a.step, a.microbatch)
-                    if in_flight[s].get(key) != a.version:
+                    in_flight[r][key] = [a.version, False]
+                elif a.kind in (Kind.BACKWARD, Kind.BACKWARD_INPUT, Kind.BACKWARD_WEIGHT):
+                    entry = in_flight[r].get(key)
+                    if entry is None or entry[0] != a.version:
                         raise ScheduleError(f"{where}: backward without a forward of that "
                                             "microbatch on the same weight version")
-                    del in_flight[s][key]
+                    if a.kind is Kind.BACKWARD_WEIGHT:
+                        if not entry[1]:
+                            raise ScheduleError(f"{where}: weight gradient before the input "
+                                                "gradient (I) of that microbatch")
+                        del in_flight[r][key]
+                    elif entry[1]:
+                        raise ScheduleError(f"{where}: a second backward of that microbatch")
+                    elif a.kind is Kind.BACKWARD:
+                        del in_flight[r][key]
+                    else:
+                        entry[1] = True
                 elif a.kind is Kind.REDUCE:
-                    if any(st == a.step for st, _ in in_flight[s]):
+                    if any(st == a.step for _, st, _ in in_flight[r]):
                         raise ScheduleError(f"{where}: reduces step {a.step} before all its "
-                                            "backwards")
-                    reduced.setdefault(a.step, set()).add(s)
+                                            "weight gradients")
+                    reduced.setdefault(a.step, set()).add(r)
                 elif a.kind is Kind.UPDATE:
-                    if s not in reduced.get(a.step, ()):
+                    if r not in reduced.get(a.step, ()):
                         raise ScheduleError(f"{where}: update before its own REDUCE")
                     if len(reduced[a.step]) < d:
-                        break   # waits for the slowest stage's reduction
-                    if a.version != newest[s] + 1:
+                        break   # waits for the slowest rank's reduction
+                    if a.version != newest[r] + 1:
                         raise ScheduleError(f"{where}: creates version {a.version} but the "
-                                            f"newest is {newest[s]}")
-                    newest[s] = a.version
-                    versions[s].add(a.version)
+                                            f"newest is {newest[r]}")
+                    newest[r] = a.version
+                    versions[r].add(a.version)
                 else:  # pragma: no cover - Kind is closed
                     raise ScheduleError(f"{where}: unknown action")
-                gc_versions(s)
-                max_versions[s] = max(max_versions[s], len(versions[s]))
-                order.append((s, a))
-                pcs[s] += 1
+                max_in_flight[r] = max(max_in_flight[r],
+                                       sum(not done for _, done in in_flight[r].values()))
+                max_held[r] = max(max_held[r], len(in_flight[r]))
+                gc_versions(r)
+                max_versions[r] = max(max_versions[r], len(versions[r]))
+                order.append((r, a))
+                pcs[r] += 1
                 progressed = True
         if not progressed:
-            stuck = "; ".join(f"stage {s} waits at action {pcs[s]} ({actions[s][pcs[s]]})"
-                              for s in range(d) if pcs[s] < len(actions[s]))
+            stuck = "; ".join(f"rank {r} waits at action {pcs[r]} ({actions[r][pcs[r]]})"
+                              for r in range(d) if pcs[r] < len(actions[r]))
             raise ScheduleError(f"deadlock: {stuck}")
     leftovers = {k: q for k, q in channels.items() if q}
     if leftovers:
         raise ScheduleError(f"messages sent but never received: {leftovers}")
-    for s in range(d):
-        if in_flight[s]:
-            raise ScheduleError(f"stage {s} ends with microbatches in flight: "
-                                f"{sorted(in_flight[s])}")
-    return SimulationResult(rounds, tuple(max_in_flight), tuple(max_versions), tuple(order))
+    for r in range(d):
+        if in_flight[r]:
+            raise ScheduleError(f"rank {r} ends with microbatches in flight (stage, step, "
+                                f"microbatch): {sorted(in_flight[r])}")
+    return SimulationResult(rounds, tuple(max_in_flight), tuple(max_versions), tuple(order),
+                            tuple(max_held))
 
 
 def format_actions(actions: Iterable[Action]) -> str:
