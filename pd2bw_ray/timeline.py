@@ -27,24 +27,33 @@ from .schedule import Action, Kind
 
 ActionLog = Mapping[tuple[int, int], Sequence[tuple[str, str, float, float]]]
 
-_COMPUTE = re.compile(r"(F|B)(\d+)\.(\d+)@v(\d+)")
-_MESSAGE = re.compile(r"(SA|RA|SG|RG)(\d+)\.(\d+):(\d+)")
+_STAGE = r"(?:s(\d+):)?"     # the virtual stage, where a rank holds several
+_COMPUTE = re.compile(_STAGE + r"(F|B|I|W)(\d+)\.(\d+)@v(\d+)")
+_MESSAGE = re.compile(_STAGE + r"(SA|RA|SG|RG)(\d+)\.(\d+):(\d+)")
 _UPDATE = re.compile(r"U(\d+)->v(\d+)")
 _REDUCE = re.compile(r"R(\d+)")
+# How draw_timeline fills the box of each computation: forward plain, backward hatched (a split
+# backward's input-gradient half like a whole one, its weight-gradient half dotted)
+_HATCH = {Kind.FORWARD: None, Kind.BACKWARD: "//", Kind.BACKWARD_INPUT: "//",
+          Kind.BACKWARD_WEIGHT: ".."}
 
 
 def parse_action(label: str) -> Action:
     """The ``Action`` whose ``str()`` is ``label`` (the inverse of ``Action.__str__``).
 
-    ``F3.1@v2`` is the forward of step 3 microbatch 1 on weight version 2 (``B`` backward);
-    ``RA3.1:0`` receives its activations from stage 0 (``SA`` sends them, ``RG``/``SG`` the
-    gradients); ``R3`` reduces step 3's gradients; ``U3->v4`` applies that update, creating
-    version 4. Fields that do not apply are -1 (microbatch, version) or None (peer).
+    ``F3.1@v2`` is the forward of step 3 microbatch 1 on weight version 2 (``B`` backward, ``I``
+    and ``W`` its input- and weight-gradient halves); ``RA3.1:0`` receives its activations from
+    stage 0 (``SA`` sends them, ``RG``/``SG`` the gradients); ``R3`` reduces step 3's gradients;
+    ``U3->v4`` applies that update, creating version 4. A prefix ``s5:`` names the (virtual)
+    stage where a rank holds several. Fields that do not apply are -1 (microbatch, version) or
+    None (peer, stage).
     """
     if m := _COMPUTE.fullmatch(label):
-        return Action(Kind(m[1]), int(m[2]), int(m[3]), version=int(m[4]))
+        return Action(Kind(m[2]), int(m[3]), int(m[4]), version=int(m[5]),
+                      stage=None if m[1] is None else int(m[1]))
     if m := _MESSAGE.fullmatch(label):
-        return Action(Kind(m[1]), int(m[2]), int(m[3]), peer=int(m[4]))
+        return Action(Kind(m[2]), int(m[3]), int(m[4]), peer=int(m[5]),
+                      stage=None if m[1] is None else int(m[1]))
     if m := _UPDATE.fullmatch(label):
         return Action(Kind.UPDATE, int(m[1]), version=int(m[2]))
     if m := _REDUCE.fullmatch(label):
@@ -159,7 +168,8 @@ def draw_timeline(action_log: ActionLog, path: str | Path, *, title: str | None 
 
     As in the PipeDream-2BW paper's figures: one row per stage replica (stage 0 on top), time
     on x; each microbatch has its own colour, its forward a light box and its backward a darker,
-    hatched box of the same colour, both labelled with the microbatch's number in the call
+    hatched box of the same colour (a split backward: its ``I`` hatched, its ``W`` dotted), all
+    labelled with the microbatch's number in the call
     (1, 2, ... in forward order, like the paper; microbatch ``i`` of step ``t`` is
     ``(t - first step) * m + i + 1``). Updates are black boxes with a marker and the version they
     create; sends and reductions are thin tan bars, waits for a peer light grey.
@@ -170,13 +180,12 @@ def draw_timeline(action_log: ActionLog, path: str | Path, *, title: str | None 
     rows = sorted(action_log)
     parsed = {key: [(cat, parse_action(label), start - t0, end - t0)
                     for cat, label, start, end in action_log[key]] for key in rows}
-    compute = [a for evs in parsed.values() for _, a, _, _ in evs
-               if a.kind in (Kind.FORWARD, Kind.BACKWARD)]
+    compute = [a for evs in parsed.values() for _, a, _, _ in evs if a.kind in _HATCH]
     m = max((a.microbatch for a in compute), default=0) + 1
     first = min((a.step for a in compute), default=0)
     span = max((e[3] for evs in parsed.values() for e in evs), default=0.0) or 1.0
 
-    per_row = max((sum(a.kind in (Kind.FORWARD, Kind.BACKWARD) for _, a, _, _ in evs)
+    per_row = max((sum(a.kind in _HATCH for _, a, _, _ in evs)
                    for evs in parsed.values()), default=0)
     width_in = min(40.0, max(8.0, 0.3 * per_row))
     height_in = 1.6 + 0.55 * max(1, len(rows))
@@ -188,14 +197,13 @@ def draw_timeline(action_log: ActionLog, path: str | Path, *, title: str | None 
         update_labels: list[tuple[float, list[int]]] = []   # (x, versions) of update markers
         for _, a, start, end in parsed[key]:
             dur = max(end - start, 0.0)
-            if a.kind in (Kind.FORWARD, Kind.BACKWARD):
+            if a.kind in _HATCH:
                 number = (a.step - first) * m + a.microbatch + 1
                 base = _microbatch_color(number)
                 forward = a.kind is Kind.FORWARD
                 face = base if forward else _darker(base)
                 ax.broken_barh([(start, dur)], (y - 0.4, 0.8), facecolors=[face],
-                               edgecolors="black", linewidth=0.4,
-                               hatch=None if forward else "//")
+                               edgecolors="black", linewidth=0.4, hatch=_HATCH[a.kind])
                 if dur * px_per_s >= 7 * len(str(number)):
                     ax.text(start + dur / 2, y, str(number), ha="center", va="center",
                             fontsize=7, color=_text_color(face), clip_on=True,

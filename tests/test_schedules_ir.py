@@ -292,3 +292,28 @@ def test_bubbles_match_their_formulas():
             for v in (1, 2, 4):
                 assert timed_makespan(all_ranks("interleaved", d, m, 1, v=v)) == \
                     3 * m * v + 3 * (d - 1), (d, m, v)
+
+
+def test_timeline_labels_of_the_new_kinds_parse_back():
+    from pd2bw_ray.timeline import parse_action
+
+    for name, v in (("zb-h1", 1), ("interleaved", 2), ("interleaved", 3)):
+        for r in range(3):
+            for a in stage_actions(name, r, 3, 6, 2, first_step=4, stages_per_rank=v):
+                assert parse_action(str(a)) == a
+    assert parse_action("s5:W3.1@v3") == Action(Kind.BACKWARD_WEIGHT, 3, 1, version=3, stage=5)
+    assert parse_action("s5:SG3.1:4") == Action(Kind.SEND_GRAD, 3, 1, peer=4, stage=5)
+
+
+def test_timeline_draws_split_backwards(tmp_path):
+    from PIL import Image
+
+    from pd2bw_ray.timeline import draw_timeline
+
+    log = {}
+    for s, acts in enumerate(all_ranks("zb-h1", 3, 3, 1)):
+        log[(s, 0)] = [("compute" if a.kind in COMPUTE else "comm", str(a), 0.01 * j,
+                        0.01 * j + 0.008) for j, a in enumerate(acts)]
+    path = draw_timeline(log, tmp_path / "zb.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and len(img.convert("RGB").getcolors(1 << 20)) > 20
