@@ -8,6 +8,7 @@ replica holds: its modules, tied parameters and how it reduces gradients.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .executor import ChunkResult, ReduceSpec, StageExecutor, TieSpec
 from .metrics import StageMetrics
 from .schedule import Action
 from .stage import OptimizerFactory, Stage, StageError
+from .watchdog import Activity, Heartbeat
 from .wire import from_wire
 
 
@@ -172,14 +174,28 @@ def transport_class(comm: CommSetup) -> type[Transport]:
     raise ConfigError(f"unknown communication backend {comm.backend!r} (\"dist\" or \"thread\")")
 
 
+def _watched(method):
+    """Record a driver call in the replica's ``Activity`` while it runs (its heartbeat)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        self.activity.begin(method.__name__)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.activity.end()
+    return call
+
+
 class StageActor:
-    """One stage replica. Methods are called by the driver, one at a time, in order."""
+    """One stage replica. Methods are called by the driver, one at a time, in order; only
+    ``heartbeat`` runs beside them (on a Ray actor, in its own concurrency group "watch")."""
 
     def __init__(self, spec: StageSpec, modules: Mapping[int, nn.Module | Callable[[], nn.Module]],
                  loss_fn: Callable | None, optimizer_factory: OptimizerFactory,
                  initial_state: Mapping[str, torch.Tensor] | None = None,
                  lr_schedule: Callable[[int], float] | None = None):
         self.spec = spec
+        self.activity = Activity()
         if spec.device == "cpu":
             torch.set_num_threads(spec.torch_threads)
         torch.manual_seed(spec.seed * 1000003 + spec.rank)
@@ -214,6 +230,11 @@ class StageActor:
             initial_state=initial_state, two_versions=spec.two_versions,
             lr_schedule=lr_schedule)
 
+    def heartbeat(self) -> Heartbeat:
+        """What this replica is doing and how long since it last made progress."""
+        return self.activity.heartbeat()
+
+    @_watched
     def where(self) -> dict[str, Any]:
         """Where this replica runs (node, process, device)."""
         node = None
@@ -227,6 +248,7 @@ class StageActor:
                 "host": socket.gethostname(), "pid": os.getpid(), "node_id": node,
                 "device": str(self.stage.device)}
 
+    @_watched
     def setup(self, topology: Topology, comm: CommSetup) -> None:
         """Join the communication groups (all replicas call this at the same time)."""
         spec = self.spec
@@ -240,10 +262,11 @@ class StageActor:
             self.stage, self.transport,
             ReduceSpec(spec.stage, spec.replica, spec.num_stages, spec.num_replicas,
                        spec.max_grad_norm, spec.ties),
-            spec.num_microbatches, spec.timeout_s)
+            spec.num_microbatches, spec.timeout_s, self.activity)
         if comm.backend != "thread":     # a Ray actor: its metrics reach the dashboard
             self.metrics = StageMetrics(comm.world_name, spec.stage, spec.replica)
 
+    @_watched
     def sync_weights(self) -> None:
         """Make replicas (from replica 0) and tied copies (from the group's first name) equal."""
         assert self.transport is not None
@@ -257,6 +280,7 @@ class StageActor:
             for tie, (group, src) in zip(spec.ties, spec.tie_sources):
                 self.transport.broadcast(group, slot[tie.name], src)
 
+    @_watched
     def run(self, actions: Sequence[Action], inputs: Mapping | None = None,
             targets: Mapping | None = None) -> ChunkResult:
         assert self.executor is not None, "setup() first"
@@ -265,16 +289,20 @@ class StageActor:
             self.metrics.chunk(result.events, self.stage.memory, self.stage.lr)
         return result
 
+    @_watched
     def finish(self) -> None:
         assert self.executor is not None
         self.executor.finish()
 
+    @_watched
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.stage.named_weights().items()}
 
+    @_watched
     def versions(self) -> list[int]:
         return self.stage.versions()
 
+    @_watched
     def memory(self, reset_peaks: bool = False) -> dict[str, int]:
         """The stage's memory accounting (bytes) and this process's peak resident size."""
         import resource
@@ -289,12 +317,15 @@ class StageActor:
                 torch.cuda.reset_peak_memory_stats(self.stage.device)
         return out
 
+    @_watched
     def set_lr(self, lr: float) -> None:
         self.stage.set_lr(lr)
 
+    @_watched
     def lr(self) -> float | None:
         return self.stage.lr()
 
+    @_watched
     def export_state(self, with_weights: bool) -> dict[str, Any]:
         """This replica's RNG state, and (``with_weights``) the stage's weights and optimizer."""
         out: dict[str, Any] = {"rng": torch.get_rng_state()}
@@ -304,6 +335,7 @@ class StageActor:
             out.update(self.stage.export_state())
         return out
 
+    @_watched
     def import_state(self, state: Mapping[str, Any]) -> None:
         self.stage.import_state(state)
         if state.get("rng") is not None:

@@ -617,7 +617,7 @@ class DistTransport(Transport):
         wire = self._wire[group]
         buf = tensor if tensor.device == wire else tensor.to(wire)
         self._wait(issue(buf, self._groups[group]), f"{what} over {group}",
-                   f"the other members of {group} (ranks {list(self.topology.group_ranks(group))})")
+                   f"the other members (ranks {list(self.topology.group_ranks(group))})")
         if buf is not tensor:
             tensor.copy_(buf)
 

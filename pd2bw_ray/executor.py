@@ -22,6 +22,7 @@ import torch
 from .collectives import CommError, Transport, message_tag
 from .schedule import Action, Kind
 from .stage import Stage, StageError, clip_coefficient
+from .watchdog import Activity
 
 # How the time of each action kind counts: computing, communicating, or waiting for a peer.
 CATEGORY = {
@@ -75,8 +76,9 @@ class NonFiniteError(PipelineFailure):
 
 class StageExecutor:
     def __init__(self, stage: Stage, transport: Transport, reduce: ReduceSpec,
-                 num_microbatches: int, timeout_s: float):
+                 num_microbatches: int, timeout_s: float, activity: Activity | None = None):
         self.stage = stage
+        self.activity = activity if activity is not None else Activity()   # for the heartbeat
         self.transport = transport
         self.spec = reduce
         self.m = num_microbatches
@@ -100,6 +102,7 @@ class StageExecutor:
                 self.transport.expect(a.peer, "act", self._tag(a), None)
         for a in actions:
             t0 = time.time()
+            self.activity.progress(a)
             try:
                 self._execute(a, inputs, targets, result)
             except _NonFinite as e:
@@ -193,6 +196,7 @@ class StageExecutor:
                 part = [i for i in idx if grads[i].dtype == dtype]
                 flat = torch.cat([grads[i].reshape(-1) for i in part])
                 self.transport.allreduce(f"replicas:{spec.stage}", flat)
+                self.activity.progress()
                 off = 0
                 for i in part:
                     n = grads[i].numel()
@@ -200,6 +204,7 @@ class StageExecutor:
                     off += n
         for t in sorted(spec.ties, key=lambda t: t.group):
             self.transport.allreduce(t.group, grads[names.index(t.name)])
+            self.activity.progress()
         # Per-tensor norms (one pass over each gradient, no float64 copy; low-precision
         # gradients in float32), squared and summed in float64: torch's clip_grad_norm_ math.
         counted = [(n, g) for n, g in zip(names, grads)
@@ -216,6 +221,7 @@ class StageExecutor:
         if spec.max_grad_norm is not None and spec.num_stages > 1:
             total = sq.reshape(1).to(grads[0].device if grads else "cpu")
             self.transport.allreduce(f"pipeline:{spec.replica}", total)
+            self.activity.progress()
             sq = total.cpu().reshape(())
         norm = math.sqrt(float(sq)) if math.isfinite(float(sq)) else float("nan")
         if bad or not math.isfinite(norm):

@@ -60,3 +60,54 @@ class NanGradAfter(_FaultAfter):
 
     def fault(self, x):
         return _InfGrad.apply(x)
+
+
+class HangOnRankAfter(_FaultAfter):
+    """Hangs forever on one rank only (the actor seeds torch with its rank when seed=0)."""
+
+    def __init__(self, n: int, rank: int):
+        super().__init__(n)
+        self.rank = rank
+
+    def fault(self, x):
+        if torch.initial_seed() == self.rank:
+            time.sleep(3600)
+        return x
+
+
+class HangingStepSGD(torch.optim.SGD):
+    """SGD whose (n+1)-th step never returns: a stage stuck in its weight update."""
+
+    def __init__(self, params, n: int, lr: float = 0.1):
+        super().__init__(params, lr=lr)
+        self.n, self.steps = n, 0
+
+    def step(self, closure=None):
+        self.steps += 1
+        if self.steps > self.n:
+            time.sleep(3600)
+        return super().step(closure)
+
+
+class HangingStateDictSGD(torch.optim.SGD):
+    """SGD whose state_dict never returns: a stage stuck in export_state (a checkpoint)."""
+
+    def state_dict(self):
+        time.sleep(3600)
+
+    @classmethod
+    def wrap(cls, params):
+        return cls(params, lr=0.1)
+
+
+class _StallingState(dict):
+    def values(self):
+        time.sleep(3600)
+
+
+class HangingStateSGD(torch.optim.SGD):
+    """SGD whose state cannot be walked: a stage stuck in memory() (trainer.stats())."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, lr=lr)
+        self.state = _StallingState()
