@@ -8,11 +8,10 @@ driver's stderr (Ray's default), so anything a Ray Data coordinator prints is ca
 from __future__ import annotations
 
 import re
+import subprocess
 import textwrap
 
 from job_helpers import PY, ROOT, TINY, env, run
-
-import subprocess
 
 # Lines that read as a crash or as something the user must fix.
 BAD = re.compile(r"Traceback|Fatal Python error|SIGABRT|Aborted|[Dd]eprecat|FutureWarning")
