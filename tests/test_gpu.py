@@ -1,9 +1,11 @@
 """The GPU path of a stage (device placement, bf16 autocast with fp32 master weights, CUDA memory
-accounting), run in-process (local=True: stages on threads of this process, one GPU).
+accounting), run in-process (local=True: stages on threads of this process, one GPU), and the
+transport between a stage on the GPU and one on the CPU (two Ray actors, GLOO).
 
-Skipped where torch sees no CUDA device (this project's CI). On a GPU machine:
-``python -m pytest tests/test_gpu.py``. The NCCL transport needs a GPU per rank and is not
-exercised here (see README, Status)."""
+Refused (skipped, with the reason) where torch sees no CUDA device, as on this project's CI. On a
+GPU machine: ``python -m pytest tests/test_gpu.py``; ``python -m bench.gpu_check`` runs these
+checks and the BERT figures in one go. NCCL between stages needs a GPU per rank and is exercised
+by ``bench.gpu_check`` only where there are two GPUs."""
 
 import pytest
 import torch
@@ -18,7 +20,10 @@ from test_bert_pipeline import hf_and_pipeline
 from test_bert_training import TINY, optimizer_factory
 from test_exactness import M, OPTIMIZERS, TIE, assert_matches, conf, make_steps, mlp
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason=f"needs a CUDA GPU and torch {torch.__version__} sees none (CUDA build: "
+           f"{torch.version.cuda}); run on a GPU machine")
 GPU = ActorResources(num_cpus=0, num_gpus=1)
 
 
@@ -69,3 +74,13 @@ def test_bert_bf16_autocast_keeps_fp32_weights_and_the_loss():
     moved = max((state[k] - init[k]).abs().max().item() for k in init
                 if init[k].is_floating_point())
     assert moved > 1e-4     # the updates reached the fp32 master weights
+
+
+def test_transport_between_a_gpu_stage_and_a_cpu_stage(ray_cluster):
+    from bench.gpu_check import check_transport
+
+    result = check_transport(("cuda", "cpu"), timeout_s=5.0)
+    assert result["setup"][0]["device"].startswith("cuda")
+    backends = result["setup"][0]["backends"]
+    assert [backends[g] for g in ("act:0:0", "grad:0:0", "pipeline:0")] == ["gloo"] * 3
+    assert result["ok"], result
