@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_against_checkpoint(args, pretrained) -> None:
     """The seed's flags describe the checkpoint; a mismatch is an error, not a guess."""
     from stages import BertModelConfig, parse_module_spec
+    from stages.partition import spec_depth
 
     ck = pretrained.checkpoint
     part = pretrained.partition
@@ -119,7 +120,15 @@ def check_against_checkpoint(args, pretrained) -> None:
                                      flag="-m")
         except ValueError as e:
             raise JobError(f"-m {args.module}: {e}") from None
-        if want.layers_per_stage != part.layers_per_stage:
+        depth = spec_depth(args.module)
+        if depth is not None:
+            # depth=D names D modules; pre-training chose their layers by cost, and the
+            # checkpoint's record of that split is the one that counts
+            if depth != part.num_stages:
+                raise JobError(f"-m {args.module} names {depth} modules, but {ck.path} holds "
+                               f"{pretrained.describe()}; pass -m models.bert"
+                               f"{part.num_layers}.depth={part.num_stages}")
+        elif want.layers_per_stage != part.layers_per_stage:
             raise JobError(f"-m {args.module} cuts BERT into {want.num_stages} modules of "
                            f"{list(want.layers_per_stage)} layers, but {ck.path} holds "
                            f"{pretrained.describe()}; pass -m {part.to_spec()}")

@@ -161,6 +161,16 @@ def parse_module_spec(spec: str, num_layers: int, *, flag: str = "--module",
         raise PartitionError(f"{flag} {spec!r}: {e}") from None
 
 
+def spec_depth(spec: str) -> int | None:
+    """``D`` when ``spec`` is ``models.bert<L>.depth=<D>``, else None. Such a spec names D
+    modules; their layer counts are chosen by a cost model when the partition is built, so a
+    record of the split (a checkpoint's) is what says which layers each module holds."""
+    match = _MODULE_SPEC.fullmatch(spec.strip()) if isinstance(spec, str) else None
+    if match is None or match["kind"] != "depth" or not match["value"].strip().isdigit():
+        return None
+    return int(match["value"])
+
+
 def pipeline_conf(num_stages: int, num_replicas: int = 1) -> PipelineConfig:
     """The ``conf.json`` for ``num_stages`` BERT stages x ``num_replicas`` replicas.
 

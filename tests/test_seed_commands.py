@@ -222,8 +222,11 @@ def test_grouped_modules_resume_and_fine_tune_and_wrong_records_are_refused(shar
          r"\(models.bert4.layers=1,1,1,1\) on 2 stages \(module_to_stage_map \[0, 0, 1, 1, 1\]\); "
          r"pass --num_stages 2"),
         (glue + ["-m", "models.bert4.depth=2", "--num_stages", 2],
-         r"-m models.bert4.depth=2 cuts BERT into 2 modules of \[2, 2\] layers, but .* holds 4 "
-         r"modules .*; pass -m models.bert4.layers=1,1,1,1"),
+         r"-m models.bert4.depth=2 names 2 modules, but .* holds 4 modules .*; pass "
+         r"-m models.bert4.depth=4"),
+        (glue + ["-m", "models.bert4.layers=1,2,1", "--num_stages", 2],
+         r"-m models.bert4.layers=1,2,1 cuts BERT into 3 modules of \[1, 2, 1\] layers, but .* "
+         r"holds 4 modules .*; pass -m models.bert4.layers=1,1,1,1"),
         (_with(pretrain, "--config_path", bad) + ["--max_steps", 1],
          rf"{bad}: stages in module_to_stage_map must be contiguous .* module 2 goes to stage 0 "
          r"after module 1 on stage 1"),
@@ -271,3 +274,50 @@ def test_depth_auto_refuses_flags_it_would_override():
         with pytest.raises(JobError, match=rf"--module models.bert4.depth=auto chooses the conf "
                                            rf"and m itself; drop {flag}"):
             load_model_and_layout(build_parser().parse_args(base + extra), log=lambda *_: None)
+
+
+def test_glue_takes_depth_d_for_whatever_split_pre_training_chose(tmp_path):
+    """``-m models.bert<L>.depth=D`` names D modules; pre-training chose their layers by cost,
+    so a checkpoint of 2 modules split 1 + 3 is ``-m models.bert4.depth=2`` (the seed's GLUE
+    command names the depth, never the split). An explicit split must match the record."""
+    import pytest
+    import torch
+
+    from jobs.finetune_glue import JobError, build_parser, check_against_checkpoint
+    from pd2bw_ray import PipelineTrainer
+    from stages import BertPartition
+    from stages.bert_checkpoint import read_pretrained_bert
+
+    cfg = BertModelConfig.from_json(ROOT / "configs/bert_config_demo.json")
+    part = BertPartition((1, 3))
+    model = build_bert_pipeline(cfg, part, seed=0)
+    trainer = PipelineTrainer(list(model.modules), model.loss_fn,
+                              PipelineConfig([0, 0, 0], {"0": [0]}),
+                              lambda params: torch.optim.SGD([p for _, p in params], lr=0.1),
+                              schedule="2bw", num_microbatches=1, local=True,
+                              tied_parameters=[list(g) for g in model.tied_parameters])
+    try:
+        path = trainer.checkpoint(str(tmp_path), extra={
+            "module": part.to_spec(), "bert_config": cfg.to_dict(), "epoch": 0,
+            "end_of_epoch": True})
+    finally:
+        trainer.shutdown()
+    pretrained = read_pretrained_bert(path, report=lambda *_: None)
+    assert pretrained.describe() == ("2 modules (models.bert4.layers=1,3) on 1 stage "
+                                     "(module_to_stage_map [0, 0, 0])")
+
+    def glue(*flags):
+        return build_parser().parse_args(["--data_dir", str(tmp_path), "--task_name", "SST-2",
+                                          "--checkpoint_path", str(path), *flags])
+
+    check_against_checkpoint(glue("-m", "models.bert4.depth=2", "--num_stages", "1"), pretrained)
+    check_against_checkpoint(glue("-m", "models.bert4.layers=1,3"), pretrained)
+    with pytest.raises(JobError, match=r"-m models.bert4.depth=4 names 4 modules, but .* holds "
+                                       r"2 modules .*; pass -m models.bert4.depth=2"):
+        check_against_checkpoint(glue("-m", "models.bert4.depth=4"), pretrained)
+    with pytest.raises(JobError, match=r"-m models.bert4.layers=2,2 cuts BERT into 2 modules of "
+                                       r"\[2, 2\] layers, .*; pass -m models.bert4.layers=1,3"):
+        check_against_checkpoint(glue("-m", "models.bert4.layers=2,2"), pretrained)
+    with pytest.raises(JobError, match=r"--num_stages 2, but .* has 1 stage: .*; pass "
+                                       r"--num_stages 1"):
+        check_against_checkpoint(glue("--num_stages", "2"), pretrained)
