@@ -17,7 +17,8 @@ Schedules (``pd2bw_ray/schedules/``):
 - ``flush`` (PipeDream-Flush): 1F1B within each step, drained before the update.
 - ``gpipe``: all forwards of a step, then all backwards, drained before the update.
 - ``interleaved``: Megatron's interleaved 1F1B, ``v`` virtual stages per rank, drained per step.
-- ``zb-h1``: Zero Bubble H1, backward split into ``I`` and ``W``, drained per step.
+- ``zb-h1``: Zero Bubble H1, backward split into ``I`` and ``W``, drained per step (also over
+  ``v`` virtual stages per rank, on the interleaved order).
 
 Where chunks are cut: a schedule with version lag 0 drains each step, and chunk ``t`` is the whole
 step ``t``; under 2bw chunk ``t`` holds the actions up to the rank's last forward of step ``t``, and

@@ -63,7 +63,7 @@ def test_each_schedule_states_its_version_rule():
 
 def test_schedules_emit_computations_only_each_exactly_once():
     cases = [("2bw", 4, 5, 1), ("flush", 4, 3, 1), ("gpipe", 3, 4, 1), ("interleaved", 3, 6, 3),
-             ("zb-h1", 4, 6, 1)]
+             ("zb-h1", 4, 6, 1), ("zb-h1", 2, 4, 3)]
     for name, d, m, v in cases:
         sched = schedules.get(name)
         for r in range(d):
@@ -137,7 +137,8 @@ def test_stage_field_and_rendering_only_where_a_rank_holds_several_stages():
     assert str(a) == "s4:W3.1@v3" and str(dataclasses.replace(a, stage=None)) == "W3.1@v3"
 
 
-@pytest.mark.parametrize("name,v", [("interleaved", 2), ("interleaved", 1), ("zb-h1", 1)])
+@pytest.mark.parametrize("name,v", [("interleaved", 2), ("interleaved", 1), ("zb-h1", 1),
+                                    ("zb-h1", 3)])
 def test_chunks_are_drained_steps_and_stream_one_step_at_a_time(name, v):
     for d in (1, 2, 3):
         for m in (d, 2 * d):
@@ -159,9 +160,10 @@ def test_chunks_are_drained_steps_and_stream_one_step_at_a_time(name, v):
 def test_shape_rules_are_config_errors_with_what_to_do():
     ok, refused = interleaved_shapes()
     for d, m, v in refused:
-        with pytest.raises(ConfigError, match=rf"multiple of {d}; got m={m}\. Use m="):
-            stage_actions("interleaved", 0, d, m, 1, stages_per_rank=v)
-    for name in ("2bw", "flush", "gpipe", "zb-h1"):
+        for name in ("interleaved", "zb-h1"):
+            with pytest.raises(ConfigError, match=rf"multiple of {d}; got m={m}\. Use m="):
+                stage_actions(name, 0, d, m, 1, stages_per_rank=v)
+    for name in ("2bw", "flush", "gpipe"):
         with pytest.raises(ConfigError, match=f"schedule '{name}' runs one stage per rank"):
             stage_actions(name, 0, 2, 4, 1, stages_per_rank=2)
     with pytest.raises(ConfigError, match="stages_per_rank must be >= 1"):
@@ -213,6 +215,19 @@ def test_zb_h1_is_deadlock_free_with_one_f_one_b_memory():
                     assert res.max_held[s] <= d, (d, m, s, res.max_held)
                     assert res.max_live_versions[s] == 1
                 assert max(res.max_held) == max(ref.max_in_flight) == min(d, m)
+
+
+def test_zb_h1_over_virtual_stages_is_deadlock_free_with_interleaved_memory():
+    ok, _ = interleaved_shapes()
+    for d, m, v in ok:
+        if v == 1:
+            continue
+        res = simulate("zb-h1", all_ranks("zb-h1", d, m, 1, v=v), m)
+        ref = simulate("interleaved", all_ranks("interleaved", d, m, 1, v=v), m)
+        assert res.max_in_flight == ref.max_in_flight, (d, m, v)
+        for r in range(d):   # rank r defers r weight gradients
+            assert res.max_held[r] <= ref.max_in_flight[r] + r, (d, m, v, r)
+        assert max(res.max_held) == max(ref.max_in_flight), (d, m, v)   # the same peak
 
 
 def test_simulator_checks_split_backwards_and_virtual_stages():
@@ -283,7 +298,8 @@ def timed_makespan(lists) -> int:
 def test_bubbles_match_their_formulas():
     # F = 1, B = 2 (I = W = 1) per stage: 1F1B and GPipe take (m + d - 1)(F + B); Megatron's
     # interleaving over v chunks m v (F + B) + (d - 1)(F + B) with chunks 1/v of a rank's work,
-    # i.e. a bubble (d-1)/(v m); ZB-H1 m (F + B) + (d - 1)(F + I - W) (the paper's Table)
+    # i.e. a bubble (d-1)/(v m); ZB-H1 m (F + B) + (d - 1)(F + I - W) (the paper's Table), and
+    # over v chunks m v (F + B) + (d - 1)(F + I - W)
     for d in (1, 2, 3, 4, 8):
         for m in (d, 2 * d):
             assert timed_makespan(all_ranks("flush", d, m, 1)) == 3 * (m + d - 1)
@@ -292,12 +308,14 @@ def test_bubbles_match_their_formulas():
             for v in (1, 2, 4):
                 assert timed_makespan(all_ranks("interleaved", d, m, 1, v=v)) == \
                     3 * m * v + 3 * (d - 1), (d, m, v)
+                assert timed_makespan(all_ranks("zb-h1", d, m, 1, v=v)) == \
+                    3 * m * v + (d - 1), (d, m, v)
 
 
 def test_timeline_labels_of_the_new_kinds_parse_back():
     from pd2bw_ray.timeline import parse_action
 
-    for name, v in (("zb-h1", 1), ("interleaved", 2), ("interleaved", 3)):
+    for name, v in (("zb-h1", 1), ("zb-h1", 2), ("interleaved", 2), ("interleaved", 3)):
         for r in range(3):
             for a in stage_actions(name, r, 3, 6, 2, first_step=4, stages_per_rank=v):
                 assert parse_action(str(a)) == a
