@@ -312,10 +312,14 @@ def partition_cost_model(args: argparse.Namespace, model_cfg, spec: str, log):
     from pd2bw_ray.planner import ModelProfile, PlanError
     from stages.bert_cost import CostModel
 
+    from pd2bw_ray import PipelineConfig
+
     b = args.train_batch_size
     depth = re.search(r"depth=([0-9]+)$", spec.strip())
-    modules = int(depth[1]) if depth else len(spec.split(","))
-    m = args.microbatches_per_update or modules * (args.gradient_accumulation_steps or 1)
+    stages = (PipelineConfig.from_json(args.config_path).num_stages if args.config_path
+              else int(depth[1]) if depth else len(spec.split(",")))
+    # m only weighs the optimizer step (once per m microbatches) in the balance
+    m = args.microbatches_per_update or stages * (args.gradient_accumulation_steps or 1)
     if args.profile_path and os.path.exists(args.profile_path):
         try:
             profile = ModelProfile.load(args.profile_path)
@@ -472,12 +476,13 @@ def check_shard_length(shards: Sequence[str], max_seq_length: int) -> None:
 def iteration_times(log: dict, num_stages: int) -> list[float]:
     """Seconds between the completions of consecutive steps, a step being complete when its
     last backward finished on every stage (from the executed action log)."""
+    from pd2bw_ray.schedule import Kind
+
     done: dict[int, float] = {}
-    for (s, _r), events in log.items():
-        for _cat, label, _t0, t1 in events:
-            if label.startswith("B"):
-                step = int(label[1:].split(".", 1)[0])
-                done[step] = max(done.get(step, 0.0), t1)
+    for events in log.values():
+        for e in events:
+            if e.action.kind is Kind.BACKWARD:
+                done[e.action.step] = max(done.get(e.action.step, 0.0), e.end)
     ends = [done[k] for k in sorted(done)]
     return [b - a for a, b in zip(ends, ends[1:])]
 
