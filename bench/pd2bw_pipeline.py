@@ -10,28 +10,26 @@ where each stage's time went (`action_costs`).
 
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
 from typing import Any, Sequence
 
 from bench.measurement import Measurement, StageMemory
 from bench.workloads import Microbatch, Workload, make_adam
+from pd2bw_ray.executor import Event
+from pd2bw_ray.schedule import Kind
 
-_BACKWARD = re.compile(r"^B(\d+)\.(\d+)@")
-_KIND = re.compile(r"^[A-Z]+")
 KIND_NAMES = {"F": "forward", "B": "backward", "SA": "send act", "RA": "recv act",
               "SG": "send grad", "RG": "recv grad", "R": "reduce", "U": "update"}
 
 
-def step_ends(events: Sequence[tuple[str, str, float, float]], num_microbatches: int,
-              steps: Sequence[int], t0: float) -> list[float]:
+def step_ends(events: Sequence[Event], num_microbatches: int, steps: Sequence[int],
+              t0: float) -> list[float]:
     """End time (relative to ``t0``) of the backward of each step's last microbatch."""
     ends: dict[int, float] = {}
-    for _, action, _, t_end in events:
-        m = _BACKWARD.match(action)
-        if m and int(m.group(2)) == num_microbatches - 1:
-            ends[int(m.group(1))] = t_end - t0
+    for e in events:
+        if e.action.kind is Kind.BACKWARD and e.action.microbatch == num_microbatches - 1:
+            ends[e.action.step] = e.end - t0
     missing = [s for s in steps if s not in ends]
     if missing:
         raise RuntimeError(f"the first stage's action log has no last backward for steps "
@@ -39,7 +37,7 @@ def step_ends(events: Sequence[tuple[str, str, float, float]], num_microbatches:
     return [ends[s] for s in steps]
 
 
-def action_costs(events: Sequence[tuple[str, str, float, float]]) -> dict[str, Any]:
+def action_costs(events: Sequence[Event]) -> dict[str, Any]:
     """Per action kind: count, mean milliseconds and share of the stage's span; plus the share
     of the span spent between actions (waiting for the next chunk, or scheduling it)."""
     if not events:
@@ -47,9 +45,9 @@ def action_costs(events: Sequence[tuple[str, str, float, float]]) -> dict[str, A
     span = max(e[3] for e in events) - min(e[2] for e in events)
     total: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
-    for _, action, t_start, t_end in events:
-        kind = _KIND.match(action).group(0)  # type: ignore[union-attr]
-        total[kind] += t_end - t_start
+    for e in events:
+        kind = e.action.kind.value
+        total[kind] += e.end - e.start
         count[kind] += 1
     out: dict[str, Any] = {
         KIND_NAMES.get(k, k): {"count": count[k], "mean_ms": 1e3 * total[k] / count[k],

@@ -135,10 +135,10 @@ def measure_gloo_links(repeats: int = 7) -> dict:
 def steady_state_throughput(log, samples_per_step: int) -> tuple[float, int]:
     """Samples/s between the starts of the first forward of the call's second step and of its
     last step, on one stage replica; and the number of steps that spans."""
-    starts = {}
-    for _, action, t0, _ in log:
-        if action.startswith("F") and action.split("@")[0].endswith(".0"):
-            starts[int(action[1:].split(".")[0])] = t0
+    from pd2bw_ray.schedule import Kind
+
+    starts = {e.action.step: e.start for e in log
+              if e.action.kind is Kind.FORWARD and e.action.microbatch == 0}
     steps = sorted(starts)
     first, last = steps[1], steps[-1]
     return samples_per_step * (last - first) / (starts[last] - starts[first]), last - first

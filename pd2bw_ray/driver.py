@@ -31,7 +31,7 @@ from torch import nn
 from .actor import CommSetup, StageActor, plan_stages
 from .collectives import ThreadHub
 from .config import (ActorResources, CommConfig, ConfigError, PipelineConfig, StageOptions)
-from .executor import ChunkResult, NonFiniteError, PipelineFailure
+from .executor import ChunkResult, Event, NonFiniteError, PipelineFailure
 from .metrics import DriverMetrics, time_fractions
 from .progress import ProgressBar
 from .schedule import check_shape, step_actions
@@ -421,7 +421,7 @@ class PipelineTrainer:
         self._next_step = 0
         self._failed: str | None = None
         self._step_seconds: float | None = None    # measured wall time per step (chunk sizing)
-        self._events: dict[tuple[int, int], list[tuple[str, str, float, float]]] = {}
+        self._events: dict[tuple[int, int], list[Event]] = {}
         self._ray_started = False
         self._pool: _Pool | None = None
         self._metrics: DriverMetrics | None = None
@@ -751,9 +751,9 @@ class PipelineTrainer:
                  for s in range(self.num_stages) for r in range(self.num_replicas)]
         return {(s, r): v for (s, r, _), v in zip(calls, self._gather(calls))}
 
-    def action_log(self) -> dict[tuple[int, int], list[tuple[str, str, float, float]]]:
-        """The last train() call's executed actions per (stage, replica):
-        ``(category, action, t_start, t_end)`` with wall-clock times."""
+    def action_log(self) -> dict[tuple[int, int], list[Event]]:
+        """The last train() call's executed actions per (stage, replica), each an ``Event``
+        ``(category, action, start, end)``: the ``Action`` and its wall-clock times."""
         return {k: list(v) for k, v in self._events.items()}
 
     def timeline(self, path: str, last_steps: int | None = None) -> dict[str, str]:

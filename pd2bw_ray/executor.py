@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -55,14 +55,24 @@ class ReduceSpec:
     ties: tuple[TieSpec, ...] = ()
 
 
+class Event(NamedTuple):
+    """One executed action: how its time counts (``CATEGORY``: compute, comm or wait), the
+    ``Action`` itself, and its wall-clock start and end (seconds)."""
+
+    category: str
+    action: Action
+    start: float
+    end: float
+
+
 @dataclass
 class ChunkResult:
     """What one chunk did: losses computed (last stage), global gradient norms of the steps it
-    updated, and the timed event log ``(category, action, t_start, t_end)``."""
+    updated, and the timed ``Event`` of every action it executed."""
 
     losses: list[tuple[int, int, float]] = field(default_factory=list)
     grad_norms: dict[int, float] = field(default_factory=dict)
-    events: list[tuple[str, str, float, float]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 
 
@@ -113,7 +123,7 @@ class StageExecutor:
             except Exception as e:
                 raise PipelineFailure(f"{self.where}: {a} (step {a.step}) failed: "
                                       f"{type(e).__name__}: {e}") from e
-            result.events.append((CATEGORY[a.kind], str(a), t0, time.time()))
+            result.events.append(Event(CATEGORY[a.kind], a, t0, time.time()))
         result.versions = self.stage.versions()
         return result
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-Event = tuple[str, str, float, float]
+Event = tuple[str, Any, float, float]   # executor.Event: (category, Action, start, end)
 
 TIME_KINDS = ("compute", "comm", "wait", "idle")
 MEMORY_KINDS = ("weights", "optimizer", "gradients", "stash", "peak_stash")

@@ -1,15 +1,17 @@
 """Pictures of a run: the action log as a Chrome trace, a pipeline timeline and a loss curve.
 
 ``trainer.action_log()`` gives, per (stage, replica), what that replica executed in the last
-``train()`` call: ``(category, action, t_start, t_end)`` with wall-clock seconds, ``action`` being
-``str(Action)`` (``F3.1@v2``, ``RA3.1:0``, ``U3->v4``, ... see ``schedule.Action``). From it:
+``train()`` call: ``executor.Event`` tuples ``(category, action, start, end)`` with the
+``schedule.Action`` itself and wall-clock seconds. Actions are named by their ``str()``
+(``F3.1@v2``, ``RA3.1:0``, ``U3->v4``, ...) in the trace and the picture only. From the log:
 
 - ``chrome_trace`` / ``write_chrome_trace``: the Trace Event Format JSON that Perfetto
   (ui.perfetto.dev) and chrome://tracing open, one track per stage replica;
 - ``draw_timeline``: a PNG in the style of the PipeDream-2BW paper's figures (stages as rows, time
   on x, forward and backward boxes coloured by microbatch);
 - ``draw_loss_curve``: loss (and learning rate) per step, from a list or ``train_log.jsonl``;
-- ``parse_action``: a label back into its ``Action``; ``restrict_steps``: a log's last steps.
+- ``parse_action``: a label (a trace event's name) back into its ``Action``;
+  ``restrict_steps``: a log's last steps.
 
 Times of different replicas are compared as they are: on one node they share a clock, across
 nodes they are only as aligned as the nodes' clocks.
@@ -25,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .schedule import Action, Kind
 
-ActionLog = Mapping[tuple[int, int], Sequence[tuple[str, str, float, float]]]
+ActionLog = Mapping[tuple[int, int], Sequence[tuple[str, Action, float, float]]]
 
 _STAGE = r"(?:s(\d+):)?"     # the virtual stage, where a rank holds several
 _COMPUTE = re.compile(_STAGE + r"(F|B|I|W)(\d+)\.(\d+)@v(\d+)")
@@ -66,13 +68,8 @@ def restrict_steps(action_log: ActionLog, last_steps: int) -> dict[tuple[int, in
     """The actions of the log's last ``last_steps`` steps (by the step each action belongs to)."""
     if last_steps < 1:
         raise ValueError(f"last_steps must be at least 1, got {last_steps}")
-    step_of = {}
-    for events in action_log.values():
-        for e in events:
-            if e[1] not in step_of:
-                step_of[e[1]] = parse_action(e[1]).step
-    newest = max(step_of.values(), default=0)
-    return {key: [e for e in events if step_of[e[1]] > newest - last_steps]
+    newest = max((e[1].step for events in action_log.values() for e in events), default=0)
+    return {key: [e for e in events if e[1].step > newest - last_steps]
             for key, events in action_log.items()}
 
 
@@ -108,8 +105,7 @@ def chrome_trace(action_log: ActionLog) -> dict[str, Any]:
                        "args": {"name": f"stage {s} replica {r}"}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid,
                        "args": {"sort_index": r}})
-        for seq, (category, label, start, end) in enumerate(log):
-            a = parse_action(label)
+        for seq, (category, a, start, end) in enumerate(log):
             args: dict[str, Any] = {"stage": s, "replica": r, "seq": seq, "step": a.step}
             if a.microbatch >= 0:
                 args["microbatch"] = a.microbatch
@@ -117,7 +113,7 @@ def chrome_trace(action_log: ActionLog) -> dict[str, Any]:
                 args["version"] = a.version
             if a.peer is not None:
                 args["peer"] = a.peer
-            events.append({"name": label, "cat": category, "ph": "X", "pid": pid, "tid": tid,
+            events.append({"name": str(a), "cat": category, "ph": "X", "pid": pid, "tid": tid,
                            "ts": round((start - t0) * 1e6, 3),
                            "dur": round(max(0.0, end - start) * 1e6, 3),
                            "args": args})
@@ -178,8 +174,8 @@ def draw_timeline(action_log: ActionLog, path: str | Path, *, title: str | None 
 
     t0 = _origin(action_log)
     rows = sorted(action_log)
-    parsed = {key: [(cat, parse_action(label), start - t0, end - t0)
-                    for cat, label, start, end in action_log[key]] for key in rows}
+    parsed = {key: [(cat, a, start - t0, end - t0) for cat, a, start, end in action_log[key]]
+              for key in rows}
     compute = [a for evs in parsed.values() for _, a, _, _ in evs if a.kind in _HATCH]
     m = max((a.microbatch for a in compute), default=0) + 1
     first = min((a.step for a in compute), default=0)

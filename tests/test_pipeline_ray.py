@@ -1,6 +1,5 @@
 """The runtime on real Ray actors (GLOO): exactness, no drain, failures, bad configs."""
 
-import re
 import time
 
 import pytest
@@ -9,6 +8,7 @@ from torch import nn
 
 from pd2bw_ray import (ActorResources, CommConfig, ConfigError, PipelineConfig, PipelineFailure,
                        PipelineTrainer)
+from pd2bw_ray.schedule import Kind
 from pipeline_helpers import DieAfter, HangAfter
 from test_exactness import M, OPTIMIZERS, TIE, assert_matches, conf, make_steps, mlp, run_case
 from reference import reference_train
@@ -27,9 +27,11 @@ def test_ray_pipeline_matches_reference(ray_cluster, schedule, w, opt, clip, tie
     run_case(schedule, w, opt, clip, tie, local=False, resources=RES)
 
 
-def parse(label):
-    m = re.fullmatch(r"([FB])(\d+)\.(\d+)@v(\d+)", label)
-    return (m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))) if m else None
+def parse(action):
+    """(kind, step, microbatch, version) of a logged forward or backward, else None."""
+    if action.kind in (Kind.FORWARD, Kind.BACKWARD):
+        return action.kind.value, action.step, action.microbatch, action.version
+    return None
 
 
 def test_2bw_never_drains_between_steps_and_calls_split_anywhere(ray_cluster):

@@ -330,7 +330,7 @@ def test_timeline_draws_split_backwards(tmp_path):
 
     log = {}
     for s, acts in enumerate(all_ranks("zb-h1", 3, 3, 1)):
-        log[(s, 0)] = [("compute" if a.kind in COMPUTE else "comm", str(a), 0.01 * j,
+        log[(s, 0)] = [("compute" if a.kind in COMPUTE else "comm", a, 0.01 * j,
                         0.01 * j + 0.008) for j, a in enumerate(acts)]
     path = draw_timeline(log, tmp_path / "zb.png")
     with Image.open(path) as img:

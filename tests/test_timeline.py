@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 from pd2bw_ray import ActorResources, PipelineConfig, PipelineTrainer
+from pd2bw_ray.executor import Event
 from pd2bw_ray.schedule import Action, Kind, stage_actions
 from pd2bw_ray.timeline import (chrome_trace, draw_loss_curve, draw_timeline, parse_action,
                                 read_train_log, restrict_steps, write_chrome_trace)
@@ -91,6 +92,9 @@ def test_parse_action_inverts_str():
 def test_local_run_trace_and_timeline(tmp_path):
     losses, log, _ = run_2bw(replicas=2, local=True)
     assert sorted(log) == [(s, r) for s in range(D) for r in range(2)]
+    # the log holds the executed Actions themselves, not labels to parse back
+    assert all(isinstance(e, Event) and isinstance(e.action, Action) and e.start <= e.end
+               for events in log.values() for e in events)
     check_trace(write_chrome_trace(log, tmp_path / "trace.json"), replicas=2)
     assert chrome_trace(log) == json.loads((tmp_path / "trace.json").read_text())
     check_png(draw_timeline(log, tmp_path / "timeline.png"), 800, 300)
@@ -110,9 +114,9 @@ def test_restrict_steps_keeps_the_last_steps():
     _, log, _ = run_2bw(replicas=1, local=True)
     last = restrict_steps(log, 1)
     for key, events in last.items():
-        steps = {parse_action(e[1]).step for e in events}
+        steps = {e.action.step for e in events}
         assert steps == {STEPS - 1}, (key, steps)
-        assert [e for e in log[key] if parse_action(e[1]).step == STEPS - 1] == events
+        assert [e for e in log[key] if e.action.step == STEPS - 1] == events
     assert restrict_steps(log, STEPS) == {k: list(v) for k, v in log.items()}
     with pytest.raises(ValueError, match="last_steps must be at least 1"):
         restrict_steps(log, 0)
