@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from bench.measurement import Measurement, StageMemory
-from bench.workloads import Microbatch, Workload, make_adam
+from bench.workloads import Microbatch, Workload
 from pd2bw_ray.executor import Event
 from pd2bw_ray.schedule import Kind
 
@@ -70,7 +70,7 @@ def measure(workload: Workload, depth: int, schedule: str, warm: list[list[Micro
     config = PipelineConfig(list(chain.module_to_stage_map),
                             {str(s): [s] for s in range(depth)}, source=f"<bench d={depth}>")
     trainer = PipelineTrainer(
-        list(chain.modules), chain.loss_fn, config, make_adam, schedule=schedule,
+        list(chain.modules), chain.loss_fn, config, workload.optimizer, schedule=schedule,
         num_microbatches=m, tied_parameters=[list(g) for g in chain.tied_parameters] or None,
         resources=ActorResources(num_cpus=num_cpus, num_gpus=1 if device == "cuda" else 0,
                                  torch_threads=threads_per_stage))

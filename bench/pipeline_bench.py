@@ -23,10 +23,10 @@ from typing import Callable
 from bench import pd2bw_pipeline, report, single_process, torch_pipelining
 from bench.measurement import Measurement
 from bench.targets import checks
-from bench.workloads import BERT_CONFIG, ROOT, BertWorkload, TinyWorkload
+from bench.workloads import BERT_CONFIG, ROOT, BertWorkload, MlpWorkload, TinyWorkload
 
 VARIANTS = ("single", "2bw", "flush", "gpipe", "torch-1f1b", "torch-gpipe")
-MODELS = ("bert", "tiny")
+MODELS = ("bert", "mlp", "tiny")
 QUICK_BERT_CONFIG = os.path.join(ROOT, "configs", "bert_config_tiny.json")
 
 NOTES = (
@@ -76,6 +76,10 @@ class BenchSettings:
     warmup_steps: int = 2
     tiny_steps: int = 30
     tiny_warmup_steps: int = 3
+    mlp_depth: int = 2
+    mlp_microbatches: int = 8
+    mlp_steps: int = 20
+    mlp_warmup_steps: int = 3
     threads_per_stage: int = 1
     repeats: int = 1
     seed: int = 0
@@ -88,9 +92,9 @@ class BenchSettings:
         for m in self.models:
             if m not in MODELS:
                 raise ValueError(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
-        if min(self.steps, self.tiny_steps) < 4:
-            raise ValueError("--steps and --tiny-steps must be at least 4 (the first and last "
-                             "timed steps are left out of the steady state)")
+        if min(self.steps, self.tiny_steps, self.mlp_steps) < 4:
+            raise ValueError("--steps, --tiny-steps and --mlp-steps must be at least 4 (the "
+                             "first and last timed steps are left out of the steady state)")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
 
@@ -98,7 +102,8 @@ class BenchSettings:
 Job = tuple[str, Callable[[], Measurement]]
 
 
-def plan(settings: BenchSettings, bert: BertWorkload, tiny: TinyWorkload) -> list[Job]:
+def plan(settings: BenchSettings, bert: BertWorkload, tiny: TinyWorkload,
+         mlp: MlpWorkload | None = None) -> list[Job]:
     """The measurements of one repeat, in order: (label, thunk)."""
     cores = os.cpu_count() or 1
     threads = settings.threads_per_stage
@@ -109,6 +114,9 @@ def plan(settings: BenchSettings, bert: BertWorkload, tiny: TinyWorkload) -> lis
     if "bert" in settings.models:
         m = settings.num_microbatches
         todo.append((bert, settings.bert_depths, m, settings.warmup_steps, settings.steps))
+    if "mlp" in settings.models:
+        todo.append((mlp or MlpWorkload(seed=settings.seed), (settings.mlp_depth,),
+                     settings.mlp_microbatches, settings.mlp_warmup_steps, settings.mlp_steps))
     if "tiny" in settings.models:
         todo.append((tiny, (settings.tiny_depth,), settings.tiny_microbatches,
                      settings.tiny_warmup_steps, settings.tiny_steps))
@@ -121,7 +129,7 @@ def plan(settings: BenchSettings, bert: BertWorkload, tiny: TinyWorkload) -> lis
             for n in dict.fromkeys(counts):
                 jobs.append((f"{workload.name} single-{n}t", _single(
                     workload, depths[0], warm, timed, n, dev,
-                    profile=(n == 1 and workload is bert))))   # tiny stages compute nothing
+                    profile=(n == 1 and workload is not tiny))))   # tiny: nothing to time
         for d in depths:
             if dev == "cuda" and gpus < d:
                 print(f"skipping {workload.name} pipelines at d={d}: {gpus} GPU(s), one per "
@@ -179,7 +187,7 @@ def start_ray(settings: BenchSettings) -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.pipeline_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: bert,tiny")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: bert,mlp,tiny")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--bert-depths", default=None,
@@ -192,6 +200,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--tiny-steps", type=int, default=30)
     p.add_argument("--tiny-warmup-steps", type=int, default=3)
+    p.add_argument("--mlp-depth", type=int, default=2)
+    p.add_argument("--mlp-microbatches", type=int, default=8, help="m for the MLP")
+    p.add_argument("--mlp-steps", type=int, default=20)
+    p.add_argument("--mlp-warmup-steps", type=int, default=3)
     p.add_argument("--threads-per-stage", type=int, default=1)
     p.add_argument("--microbatch-size", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=128)
@@ -228,24 +240,29 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         bert = BertWorkload(config_path=QUICK_BERT_CONFIG, microbatch_size=2, seq_length=16,
                             partitions=partitions, seed=args.seed)
         steps, warm, tiny_steps, tiny_warm = 4, 1, 5, 1
+        mlp = MlpWorkload(width=64, microbatch_size=4, seed=args.seed)
+        mlp_steps, mlp_warm = 4, 1
     else:
         bert = BertWorkload(config_path=args.bert_config, microbatch_size=args.microbatch_size,
                             seq_length=args.seq_length, seed=args.seed,
                             **({"partitions": partitions} if partitions else {}))
         steps, warm = args.steps, args.warmup_steps
         tiny_steps, tiny_warm = args.tiny_steps, args.tiny_warmup_steps
+        mlp = MlpWorkload(seed=args.seed)
+        mlp_steps, mlp_warm = args.mlp_steps, args.mlp_warmup_steps
     settings = BenchSettings(
         device=args.device, models=tuple(x for x in args.models.split(",") if x),
         variants=tuple(x for x in args.variants.split(",") if x), bert_depths=depths,
         tiny_depth=args.tiny_depth, num_microbatches=args.microbatches,
         tiny_microbatches=args.tiny_microbatches, steps=steps, warmup_steps=warm,
-        tiny_steps=tiny_steps, tiny_warmup_steps=tiny_warm,
+        tiny_steps=tiny_steps, tiny_warmup_steps=tiny_warm, mlp_depth=args.mlp_depth,
+        mlp_microbatches=args.mlp_microbatches, mlp_steps=mlp_steps, mlp_warmup_steps=mlp_warm,
         threads_per_stage=args.threads_per_stage, repeats=args.repeats, seed=args.seed)
     tiny = TinyWorkload(seed=args.seed)
     name = args.name or ("quick-" + args.device if args.quick else args.device)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     machine = report.machine_info()
-    jobs = plan(settings, bert, tiny)
+    jobs = plan(settings, bert, tiny, mlp)
     needs_ray = any(" pd2bw-" in label for label, _ in jobs)
     we_started = start_ray(settings) if needs_ray else False
     results: list[Measurement] = []
@@ -270,12 +287,14 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         machine=machine, versions=report.versions(),
         settings={k: (list(v) if isinstance(v, tuple) else v)
                   for k, v in asdict(settings).items()},
-        workloads={w.name: w.describe(depths if w is bert else (settings.tiny_depth,))
-                   for w in (bert, tiny) if w.name in settings.models},
+        workloads={w.name: w.describe({"bert": depths, "mlp": (settings.mlp_depth,)}.get(
+                       w.name, (settings.tiny_depth,)))
+                   for w in (bert, mlp, tiny) if w.name in settings.models},
         measurements=tuple(results), notes=NOTES)
     run = report.BenchRun(**{**run.__dict__, "checks": tuple(checks(
         run.representatives(), bert_depth=depths[0], tiny_depth=settings.tiny_depth,
-        num_microbatches=settings.num_microbatches))})
+        num_microbatches=settings.num_microbatches, mlp_depth=settings.mlp_depth,
+        mlp_microbatches=settings.mlp_microbatches))})
     paths = report.write(run, args.out)
     for c in run.checks:
         verdict = {True: "pass", False: "MISS", None: "not measured"}[c.passed]

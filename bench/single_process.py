@@ -1,8 +1,8 @@
 """The baseline: one process trains the whole model, the stage modules called in sequence.
 
 Each step accumulates the gradients of its ``m`` microbatches (each loss divided by ``m``, as the
-pipelines do) and applies one Adam update; tied weights are one shared parameter, as in
-``BertForPreTraining``. It runs in a freshly spawned process with ``torch.set_num_threads(n)``, so
+pipelines do) and applies one step of the workload's optimizer; tied weights are one shared
+parameter, as in ``BertForPreTraining``. It runs in a freshly spawned process with ``torch.set_num_threads(n)``, so
 its threads are exactly the ones asked for. `profile_stages` times each stage's forward and
 backward separately (the stage boundaries cut as the pipelines cut them), to show how well the
 partition balances the stages; `corun_profile` runs each stage in its own process, all at once
@@ -21,7 +21,7 @@ from torch import nn
 
 from bench.activation_meter import ActivationMeter, MeteredStage
 from bench.measurement import Measurement, StageMemory, peak_rss_bytes
-from bench.workloads import Microbatch, StageChain, Workload, make_adam
+from bench.workloads import Microbatch, StageChain, Workload
 
 
 class Chain(nn.Module):
@@ -69,7 +69,7 @@ def measure(workload: Workload, depth: int, warm: list[list[Microbatch]],
     model = Chain(chain.modules).to(dev)
     meter = ActivationMeter()
     metered = MeteredStage(model, meter, holds_outputs=False)   # its outputs go to the loss
-    optimizer = make_adam(list(model.named_parameters()))
+    optimizer = workload.optimizer(list(model.named_parameters()))
     m = len(timed[0])
     rss0 = peak_rss_bytes()
     ends: list[float] = []

@@ -1,4 +1,4 @@
-"""Issue 9's targets as checks over a run's measurements (reported, never tuned towards).
+"""Issue 9's targets (and issue 14's for the MLP) as checks over a run's measurements (reported, never tuned towards).
 
 Each check names the two measurements it compares and says "not measured" when one of them was
 not part of the run. Throughputs are steady-state samples per second (medians over repeats).
@@ -53,8 +53,23 @@ def _max_stage(m: Measurement, what: str) -> int:
     return max(getattr(s, what) for s in m.stages)
 
 
+def _ceiling_note(single: Measurement | None, depth: int) -> str:
+    """The machine's ceiling for a d-stage pipeline over one process, from the single run's
+    stage profile alone and co-run (the stages' balance and the co-run slowdown)."""
+    note = "ideal is d for perfectly balanced stages"
+    if single is not None and single.extra.get("stage_compute_ms_corun"):
+        alone = [p["forward_ms"] + p["backward_ms"] for p in single.extra["stage_compute_ms"]]
+        corun = [p["forward_ms"] + p["backward_ms"]
+                 for p in single.extra["stage_compute_ms_corun"]]
+        if len(alone) == depth:
+            note += (f"; this machine's ceiling from the stages' balance and co-run slowdown: "
+                     f"{sum(alone) / max(corun):.2f}")
+    return note
+
+
 def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int = 4,
-           num_microbatches: int = 4) -> list[Check]:
+           num_microbatches: int = 4, mlp_depth: int = 2, mlp_microbatches: int = 8
+           ) -> list[Check]:
     """``results``: one representative measurement per (workload, variant, depth)."""
     d, m = bert_depth, num_microbatches
     single = _find(results, "bert", "single-1t")
@@ -64,14 +79,7 @@ def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int 
     torch_1f1b = _find(results, "bert", "torch-1F1B", d)
     torch_gpipe = _find(results, "bert", "torch-GPipe", d)
     bubble = (d - 1) / (m + d - 1)
-    note = "ideal is d for perfectly balanced stages"
-    if single is not None and single.extra.get("stage_compute_ms_corun"):
-        alone = [p["forward_ms"] + p["backward_ms"] for p in single.extra["stage_compute_ms"]]
-        corun = [p["forward_ms"] + p["backward_ms"]
-                 for p in single.extra["stage_compute_ms_corun"]]
-        if len(alone) == d:
-            note += (f"; this machine's ceiling from the stages' balance and co-run slowdown: "
-                     f"{sum(alone) / max(corun):.2f}")
+    note = _ceiling_note(single, d)
     out = [
         Check(f"bert d={d}: 2bw / single process (1 thread)", _ratio(two, single), 1.8,
               ideal=float(d), note=note),
@@ -102,6 +110,19 @@ def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int 
     tiny = _find(results, "tiny", "pd2bw-2bw", tiny_depth)
     out.append(Check(f"tiny d={tiny_depth}: 2bw microbatches/s (fixed overhead)",
                      tiny.microbatches_per_s if tiny is not None else None, 300.0))
+    # Issue 14 (c): a workload whose messages cost more next to its compute.
+    dm, mm = mlp_depth, mlp_microbatches
+    mlp_single = _find(results, "mlp", "single-1t")
+    mlp_two = _find(results, "mlp", "pd2bw-2bw", dm)
+    mlp_bubble = (dm - 1) / (mm + dm - 1)
+    out += [
+        Check(f"mlp d={dm}: 2bw / single process (1 thread)", _ratio(mlp_two, mlp_single), 1.8,
+              ideal=float(dm), note=_ceiling_note(mlp_single, dm)),
+        Check(f"mlp d={dm} m={mm}: 2bw / torch Schedule1F1B",
+              _ratio(mlp_two, _find(results, "mlp", "torch-1F1B", dm)), 1.1,
+              ideal=1 / (1 - mlp_bubble),
+              note=f"1F1B's bubble is (d-1)/(m+d-1) = {mlp_bubble:.0%}"),
+    ]
     # Context, not targets: the same schedule in both runtimes.
     out += [
         Check(f"bert d={d}: flush / torch Schedule1F1B (same schedule, both flush)",

@@ -27,7 +27,7 @@ from torch import nn
 from bench.activation_meter import ActivationMeter, MeteredStage
 from bench.measurement import Measurement, StageMemory, peak_rss_bytes
 from bench.single_process import as_args
-from bench.workloads import Microbatch, Workload, make_adam
+from bench.workloads import Microbatch, Workload
 
 SCHEDULES = ("1F1B", "GPipe")
 
@@ -104,7 +104,7 @@ def _train_rank(rank, depth, port, workload, schedule, warm, timed, threads, dev
         cls = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[schedule]
         m = len(timed[0])
         sched = cls(stage, n_microbatches=m, loss_fn=loss_fn)   # every rank: backward on all
-        optimizer = make_adam(list(module.named_parameters()))
+        optimizer = workload.optimizer(list(module.named_parameters()))
         ties = []   # (group, this rank's copy) for weights tied across stages
         for group in chain.tied_parameters:
             holders = sorted({int(name.split(".", 1)[0]) for name in group})

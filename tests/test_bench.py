@@ -9,7 +9,7 @@ from torch import nn
 
 from bench.activation_meter import ActivationMeter, MeteredStage
 from bench.measurement import steady_period
-from bench.workloads import BertWorkload, make_adam
+from bench.workloads import BertWorkload, MlpWorkload, make_adam
 from pd2bw_ray import PipelineConfig, PipelineTrainer
 
 
@@ -59,6 +59,22 @@ def test_meter_agrees_with_the_runtime_on_bert_stages():
         assert meters[s].peak_bytes == stats[(s, 0)]["memory"]["peak_stash"], s
 
 
+def test_mlp_workload_splits_its_blocks_evenly_and_trains_with_sgd():
+    workload = MlpWorkload(width=8, num_blocks=4, microbatch_size=3)
+    whole, halves = workload.chain(1), workload.chain(2)
+    x = torch.randn(3, 8)
+    # the same initial weights however the blocks are cut
+    torch.testing.assert_close(halves.modules[1](halves.modules[0](x)), whole.modules[0](x),
+                               rtol=0, atol=0)
+    assert [len(m) for m in halves.modules] == [2, 2]
+    (step,) = workload.steps(1, 2, seed=0)
+    assert [tuple(t.shape) for t in step[0]] == [(3, 8), (3, 8)]
+    opt = workload.optimizer(list(whole.modules[0].named_parameters()))
+    assert isinstance(opt, torch.optim.SGD)
+    with pytest.raises(ValueError, match="split evenly"):
+        workload.chain(3)
+
+
 def test_steady_period_leaves_out_the_first_and_last_step():
     # step 0 ends late (fill), the last step ends early (drain); steps in between take 2 s
     assert steady_period([5.0, 7.0, 9.0, 11.0, 12.0]) == pytest.approx(2.0)
@@ -74,7 +90,8 @@ def test_quick_run_writes_table_json_and_chart(ray_cluster, tmp_path):
     record = json.loads(open(paths["json"]).read())
     got = {(m["workload"], m["variant"]): m for m in record["measurements"]}
     assert set(got) == {("bert", "single-1t"), ("bert", "single-2t"), ("bert", "pd2bw-2bw"),
-                        ("bert", "torch-1F1B"), ("tiny", "single-1t"), ("tiny", "pd2bw-2bw"),
+                        ("bert", "torch-1F1B"), ("mlp", "single-1t"), ("mlp", "pd2bw-2bw"),
+                        ("mlp", "torch-1F1B"), ("tiny", "single-1t"), ("tiny", "pd2bw-2bw"),
                         ("tiny", "torch-1F1B")}
     for m in got.values():
         assert m["samples_per_s"] > 0 and len(m["step_ends"]) >= 4
@@ -86,6 +103,10 @@ def test_quick_run_writes_table_json_and_chart(ray_cluster, tmp_path):
     ratio = next(c for c in record["checks"] if "2bw / single process" in c["target"])
     assert ratio["measured"] == pytest.approx(
         got[("bert", "pd2bw-2bw")]["samples_per_s"] / got[("bert", "single-1t")]["samples_per_s"])
+    mlp_ratio = next(c for c in record["checks"]
+                     if c["target"].startswith("mlp d=2: 2bw / single"))
+    assert mlp_ratio["measured"] == pytest.approx(
+        got[("mlp", "pd2bw-2bw")]["samples_per_s"] / got[("mlp", "single-1t")]["samples_per_s"])
     text = open(paths["md"]).read()
     assert "## Targets" in text and "| pd2bw-2bw | pd2bw-ray | 2bw | 2 |" in text
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
