@@ -286,7 +286,7 @@ class StageActor:
         assert self.executor is not None, "setup() first"
         result = self.executor.run(actions, from_wire(inputs), from_wire(targets))
         if self.metrics is not None:
-            self.metrics.chunk(result.events, self.stage.memory, self.stage.lr)
+            self.metrics.chunk(result.events(actions), self.stage.memory, self.stage.lr)
         return result
 
     @_watched

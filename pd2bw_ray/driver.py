@@ -592,7 +592,7 @@ class PipelineTrainer:
         total = len(steps) if hasattr(steps, "__len__") else None   # type: ignore[arg-type]
         it = iter(steps)
         cur = next(it, _END)
-        outstanding: list[tuple[int, list]] = []    # (step, calls) not yet gathered
+        outstanding: list[tuple[int, list, list]] = []   # (step, calls, their actions)
         losses: dict[int, list[float]] = {}
         reported: dict[int, float] = {}
         samples: dict[int, int] = {}                # step -> samples in it
@@ -603,11 +603,11 @@ class PipelineTrainer:
         bar: ProgressBar | None = None
         t_call = time.time()
 
-        def absorb(step_calls) -> None:
+        def absorb(step_calls, sent_actions) -> None:
             results: list[ChunkResult] = self._gather(step_calls)
             fresh: set[int] = set()
-            for (s, r, _), res in zip(step_calls, results):
-                events[(s, r)].extend(res.events)
+            for (s, r, _), acts, res in zip(step_calls, sent_actions, results):
+                events[(s, r)].extend(res.events(acts))
                 for st, _, loss in res.losses:
                     losses.setdefault(st, []).append(loss)
                     fresh.add(st)
@@ -635,7 +635,7 @@ class PipelineTrainer:
         try:
             t, pending_error = self._stream(it, first_data, first, outstanding, absorb, samples)
         except BaseException:
-            for _, calls in outstanding:
+            for _, calls, _ in outstanding:
                 self._pool.discard(calls)
             raise
         finally:
@@ -680,7 +680,7 @@ class PipelineTrainer:
             while ahead is not None and len(chunk) < size:
                 chunk.append(ahead)
                 ahead = fetch(t + len(chunk))
-            calls = []
+            calls, sent = [], []
             for s in range(d):
                 for r in range(w):
                     acts, inputs, targets = [], {}, {}
@@ -695,15 +695,16 @@ class PipelineTrainer:
                     calls.append((s, r, self._pool.call(s, r, "run", acts,
                                                         to_wire(inputs) or None,
                                                         to_wire(targets) or None)))
+                    sent.append(acts)
             for j, step_data in enumerate(chunk):
                 samples[t + j] = step_data.samples
-            outstanding.append((t, calls))
+            outstanding.append((t, calls, sent))
             t += len(chunk)
             while len(outstanding) > LOOKAHEAD_CHUNKS:
-                absorb(outstanding[0][1])
+                absorb(*outstanding[0][1:])
                 outstanding.pop(0)
         while outstanding:
-            absorb(outstanding[0][1])
+            absorb(*outstanding[0][1:])
             outstanding.pop(0)
         return t, pending_error
 
