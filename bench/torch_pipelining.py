@@ -41,8 +41,24 @@ class PackedTargetLoss(nn.Module):
         super().__init__()
         self.loss_fn = loss_fn
         self.shapes = shapes     # per-sample shapes of the tuple's tensors; None: one tensor
+        self.first_call = True
 
     def forward(self, output: Any, packed: torch.Tensor) -> torch.Tensor:
+        if self.first_call:
+            self.first_call = False
+            try:
+                return self._loss(output, packed)
+            except ValueError:
+                # torch's schedule infers the gradients' metadata once, before the first real
+                # microbatch, from a forward on stand-in inputs (zeros) with the real targets.
+                # BERT's labels travel with the inputs, so that pass scores other positions than
+                # its targets label and the loss refuses it; any scalar that depends on every
+                # output gives torch the metadata it needs.
+                outputs = output if isinstance(output, tuple) else (output,)
+                return sum(o.float().sum() * 0 for o in outputs)
+        return self._loss(output, packed)
+
+    def _loss(self, output: Any, packed: torch.Tensor) -> torch.Tensor:
         if self.shapes is None:
             return self.loss_fn(output, packed)
         parts, off = [], 0
@@ -195,8 +211,19 @@ def run(workload: Workload, depth: int, schedule: str, warm: list[list[Microbatc
                                    f"{sorted(set(range(depth)) - set(got))} did not report "
                                    f"within {timeout_s:.0f} s") from None
             if isinstance(res, str):
-                raise RuntimeError(f"torch.distributed.pipelining {schedule} rank {rank} "
-                                   f"failed:\n{res}")
+                # one rank's crash closes its peers' connections: report every rank's error,
+                # the root cause among them
+                errors = {rank: res}
+                while len(errors) + len(got) < depth:
+                    try:
+                        other, res = results.get(timeout=10)
+                    except queue.Empty:
+                        break
+                    if isinstance(res, str):
+                        errors[other] = res
+                raise RuntimeError("\n".join(
+                    f"torch.distributed.pipelining {schedule} rank {r} failed:\n{e}"
+                    for r, e in sorted(errors.items())))
             got[rank] = res
     finally:
         for p in procs:
