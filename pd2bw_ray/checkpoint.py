@@ -260,3 +260,68 @@ def resolve_checkpoint(path: str | os.PathLike,
         raise CheckpointError(f"{p}: no complete checkpoint found (expected {STEP_PREFIX}* "
                               "directories with a manifest.json)")
     return ck
+
+
+# ------------------------------------------------------------------------------------------------
+# The files of a pipeline's state
+
+
+def stage_files(exported: Mapping[tuple[int, int], Mapping[str, Any]]
+                ) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """The files of a checkpoint (see the layout above) from every stage replica's
+    ``StageActor.export_state`` (weights and optimizer from replica 0, RNG from all), and the
+    manifest's per-stage entries."""
+    from safetensors.torch import save as st_save
+
+    files: dict[str, bytes] = {}
+    stages = []
+    rng: dict[str, torch.Tensor] = {}
+    for (s, r), st in sorted(exported.items()):
+        rng[f"stage{s}.replica{r}"] = st["rng"]
+        if "cuda_rng" in st:
+            rng[f"stage{s}.replica{r}.cuda"] = st["cuda_rng"]
+        if r != 0:
+            continue
+        names = list(st["weights"])
+        files[stage_file(s, "weights.safetensors")] = st_save(
+            {**st["weights"], **{f"buffer::{k}": v for k, v in st["buffers"].items()}})
+        if st["previous"] is not None:
+            files[stage_file(s, "previous.safetensors")] = st_save(st["previous"])
+        if st["optimizer"] is not None:
+            tensors, meta = optimizer_to_files(st["optimizer"], names)
+            files[stage_file(s, "optimizer.safetensors")] = st_save(tensors)
+            files[stage_file(s, "optimizer.json")] = json.dumps(meta).encode()
+        stages.append({"stage": s, "param_names": names,
+                       "newest_version": st["newest_version"],
+                       "previous_version": st["previous_version"]})
+    files["rng.safetensors"] = st_save(rng)
+    return files, stages
+
+
+def stage_states(ck: Checkpoint, num_replicas: int) -> dict[tuple[int, int], dict[str, Any]]:
+    """The inverse of ``stage_files``: each stage replica's ``StageActor.import_state``
+    argument (every replica of a stage gets the stage's weights; the RNG state it had, if the
+    checkpoint has one for it)."""
+    rng = ck.read("rng.safetensors")
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for info in ck.manifest["stages"]:
+        s = info["stage"]
+        weights = ck.read(stage_file(s, "weights.safetensors"))
+        state: dict[str, Any] = {
+            "newest_version": info["newest_version"],
+            "weights": {k: v for k, v in weights.items() if not k.startswith("buffer::")},
+            "buffers": {k[len("buffer::"):]: v for k, v in weights.items()
+                        if k.startswith("buffer::")},
+            "previous": None, "previous_version": info["previous_version"],
+            "optimizer": None,
+        }
+        if (ck.path / stage_file(s, "previous.safetensors")).exists():
+            state["previous"] = ck.read(stage_file(s, "previous.safetensors"))
+        if (ck.path / stage_file(s, "optimizer.safetensors")).exists():
+            state["optimizer"] = optimizer_from_files(
+                ck.read(stage_file(s, "optimizer.safetensors")),
+                ck.read_json(stage_file(s, "optimizer.json")), info["param_names"])
+        for r in range(num_replicas):
+            out[(s, r)] = {**state, "rng": rng.get(f"stage{s}.replica{r}"),
+                           "cuda_rng": rng.get(f"stage{s}.replica{r}.cuda")}
+    return out

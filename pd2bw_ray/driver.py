@@ -15,7 +15,6 @@ pools that reach them are in ``pool.py``, where the actors are placed in ``place
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import uuid
@@ -498,37 +497,14 @@ class PipelineTrainer:
         """Write a checkpoint of the current state as ``<root>/step-<step>`` (atomically) and
         return its path. ``extra``: JSON metadata stored with it (data position, model config,
         epoch, ...). ``keep``: keep only the newest ``keep`` checkpoints under ``root``."""
-        from safetensors.torch import save as st_save
-
-        from .checkpoint import optimizer_to_files, stage_file, write_checkpoint
+        from .checkpoint import stage_files, write_checkpoint
 
         self._check_alive()
         assert self._pool is not None
         calls = [(s, r, self._pool.call(s, r, "export_state", r == 0))
                  for s in range(self.num_stages) for r in range(self.num_replicas)]
         exported = {(s, r): st for (s, r, _), st in zip(calls, self._gather(calls))}
-        files: dict[str, bytes] = {}
-        stages = []
-        rng: dict[str, torch.Tensor] = {}
-        for (s, r), st in sorted(exported.items()):
-            rng[f"stage{s}.replica{r}"] = st["rng"]
-            if "cuda_rng" in st:
-                rng[f"stage{s}.replica{r}.cuda"] = st["cuda_rng"]
-            if r != 0:
-                continue
-            names = list(st["weights"])
-            files[stage_file(s, "weights.safetensors")] = st_save(
-                {**st["weights"], **{f"buffer::{k}": v for k, v in st["buffers"].items()}})
-            if st["previous"] is not None:
-                files[stage_file(s, "previous.safetensors")] = st_save(st["previous"])
-            if st["optimizer"] is not None:
-                tensors, meta = optimizer_to_files(st["optimizer"], names)
-                files[stage_file(s, "optimizer.safetensors")] = st_save(tensors)
-                files[stage_file(s, "optimizer.json")] = json.dumps(meta).encode()
-            stages.append({"stage": s, "param_names": names,
-                           "newest_version": st["newest_version"],
-                           "previous_version": st["previous_version"]})
-        files["rng.safetensors"] = st_save(rng)
+        files, stages = stage_files(exported)
         manifest = {
             "schedule": self.schedule, "num_microbatches": self.num_microbatches,
             "config": self.config.to_dict(), "stages": stages,
@@ -540,8 +516,7 @@ class PipelineTrainer:
     def load_checkpoint(self, path: str) -> dict:
         """Restore weights (both versions under 2bw), optimizer and RNG state from a checkpoint
         (a ``step-*`` directory, or the newest valid one under a root). Returns its ``extra``."""
-        from .checkpoint import (CheckpointError, optimizer_from_files, resolve_checkpoint,
-                                 stage_file)
+        from .checkpoint import CheckpointError, resolve_checkpoint, stage_states
 
         self._check_alive()
         assert self._pool is not None
@@ -553,30 +528,9 @@ class PipelineTrainer:
                 f"{ck.path}: checkpoint is for module_to_stage_map {m2s} "
                 f"({len(man['stages'])} stages); this pipeline has "
                 f"{list(self.config.module_to_stage_map)} ({self.num_stages} stages)")
-        rng = ck.read("rng.safetensors")
-        calls = []
-        for info in man["stages"]:
-            s = info["stage"]
-            weights = ck.read(stage_file(s, "weights.safetensors"))
-            state: dict[str, Any] = {
-                "newest_version": info["newest_version"],
-                "weights": {k: v for k, v in weights.items() if not k.startswith("buffer::")},
-                "buffers": {k[len("buffer::"):]: v for k, v in weights.items()
-                            if k.startswith("buffer::")},
-                "previous": None, "previous_version": info["previous_version"],
-                "optimizer": None,
-            }
-            if (ck.path / stage_file(s, "previous.safetensors")).exists():
-                state["previous"] = ck.read(stage_file(s, "previous.safetensors"))
-            if (ck.path / stage_file(s, "optimizer.safetensors")).exists():
-                state["optimizer"] = optimizer_from_files(
-                    ck.read(stage_file(s, "optimizer.safetensors")),
-                    ck.read_json(stage_file(s, "optimizer.json")), info["param_names"])
-            for r in range(self.num_replicas):
-                st = dict(state)
-                st["rng"] = rng.get(f"stage{s}.replica{r}")
-                st["cuda_rng"] = rng.get(f"stage{s}.replica{r}.cuda")
-                calls.append((s, r, self._pool.call(s, r, "import_state", st)))
+        states = stage_states(ck, self.num_replicas)
+        calls = [(s, r, self._pool.call(s, r, "import_state", st))
+                 for (s, r), st in sorted(states.items())]
         self._gather(calls)
         self._next_step = ck.step
         return ck.extra
