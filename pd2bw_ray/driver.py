@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -44,6 +44,24 @@ MAX_STEPS_PER_CHUNK = 16  # ... of at most this many steps
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CallState:
+    """One ``train()`` call in progress: what was submitted and not yet gathered, the losses
+    of its steps as they come in, and what it reports."""
+
+    first: int                                  # the call's first step
+    on_step: Callable[[int, float], None] | None
+    events: dict[tuple[int, int], list[Event]]  # per (stage, replica), executed actions
+    bar: ProgressBar | None = None
+    outstanding: list[tuple[list, list]] = field(default_factory=list)   # (calls, actions)
+    losses: dict[int, list[float]] = field(default_factory=dict)  # step -> losses so far
+    reported: dict[int, float] = field(default_factory=dict)      # step -> mean loss
+    samples: dict[int, int] = field(default_factory=dict)         # step -> samples in it
+    done_samples: int = 0                       # samples of the steps reported so far
+    pending_error: BaseException | None = None  # a bad next step, raised after the drain
+    t_call: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -271,126 +289,118 @@ class PipelineTrainer:
         """
         self._check_alive()
         assert self._pool is not None
-        d, w, m = self.num_stages, self.num_replicas, self.num_microbatches
         first = self._next_step
         total = len(steps) if hasattr(steps, "__len__") else None   # type: ignore[arg-type]
         it = iter(steps)
         cur = next(it, _END)
-        outstanding: list[tuple[int, list, list]] = []   # (step, calls, their actions)
-        losses: dict[int, list[float]] = {}
-        reported: dict[int, float] = {}
-        samples: dict[int, int] = {}                # step -> samples in it
-        done_samples = [0]                          # samples of the steps reported so far
-        events: dict[tuple[int, int], list] = {(s, r): [] for s in range(d) for r in range(w)}
-        if self._metrics is None and self._pool is not None and not self.local:
-            self._metrics = DriverMetrics(self.name)
-        bar: ProgressBar | None = None
-        t_call = time.time()
-
-        def absorb(step_calls, sent_actions) -> None:
-            results: list[ChunkResult] = self._gather(step_calls)
-            fresh: set[int] = set()
-            for (s, r, _), acts, res in zip(step_calls, sent_actions, results):
-                events[(s, r)].extend(res.events(acts))
-                for st, _, loss in res.losses:
-                    losses.setdefault(st, []).append(loss)
-                    fresh.add(st)
-            for st in sorted(fresh):
-                if len(losses[st]) == m * w:
-                    reported[st] = sum(losses.pop(st)) / (m * w)
-                    if on_step is not None:
-                        on_step(st, reported[st])
-                    done_samples[0] += samples.get(st, 0)
-                    elapsed = time.time() - t_call
-                    if self._metrics is not None:
-                        self._metrics.step(st + 1, reported[st],
-                                           done_samples[0] / elapsed if elapsed > 0 else None)
-                    if bar is not None:
-                        bar.update(st, reported[st])
-            if reported:
-                self._step_seconds = (time.time() - t_call) / len(reported)
-
         if cur is _END:
             return []
         first_data = self._split(cur, first, 0)    # bad first step: nothing has started
+        if self._metrics is None and not self.local:
+            self._metrics = DriverMetrics(self.name)
+        call = _CallState(first, on_step, {key: [] for key in self._replicas()})
         if progress:
-            bar = ProgressBar(total, first=first, samples_per_step=first_data.samples,
-                              desc=self.name)
+            call.bar = ProgressBar(total, first=first, samples_per_step=first_data.samples,
+                                   desc=self.name)
         try:
-            t, pending_error = self._stream(it, first_data, first, outstanding, absorb, samples)
+            t = self._stream(call, it, first_data)
         except BaseException:
-            for _, calls, _ in outstanding:
+            for calls, _ in call.outstanding:
                 self._pool.discard(calls)
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            if call.bar is not None:
+                call.bar.close()
         self._all("finish")
         self._next_step = t
-        self._events = events
-        if pending_error is not None:
+        self._events = call.events
+        if call.pending_error is not None:
             # the steps before the bad one were trained and the pipeline drained cleanly
-            raise pending_error
-        missing = [st for st in range(first, t) if st not in reported]
+            raise call.pending_error
+        missing = [st for st in range(first, t) if st not in call.reported]
         if missing:
             raise PipelineFailure(f"no loss reported for steps {missing}")
-        return [reported[st] for st in range(first, t)]
+        return [call.reported[st] for st in range(first, t)]
 
-    def _stream(self, it, data: StepData, first: int, outstanding, absorb, samples: dict
-                ) -> tuple[int, BaseException | None]:
+    def _replicas(self) -> list[tuple[int, int]]:
+        return [(s, r) for s in range(self.num_stages) for r in range(self.num_replicas)]
+
+    def _stream(self, call: "_CallState", it, data: StepData) -> int:
         """Submit chunks of consecutive steps to every stage replica, a couple of chunks ahead of
         the slowest replica. A chunk holds one step, or as many as take about
         ``CHUNK_SECONDS`` (short steps: the cost of a driver call is per chunk). The step after
         a chunk is fetched and checked before the chunk is submitted, so a bad or failing next
-        step ends the call with a clean drain (returned as the error to raise afterwards).
+        step ends the call with a clean drain (kept as ``call.pending_error``, raised after).
         Returns the index after the last trained step."""
         assert self._pool is not None
-        d, w, m = self.num_stages, self.num_replicas, self.num_microbatches
-        t, pending_error = first, None
+        d, m = self.num_stages, self.num_microbatches
+        t = call.first
         ahead: StepData | None = data     # the next step, fetched and checked
-
-        def fetch(step: int) -> StepData | None:
-            nonlocal pending_error
-            try:
-                nxt = next(it, _END)
-                return None if nxt is _END else self._split(nxt, step, step - first)
-            except Exception as e:   # noqa: BLE001 - re-raised once the pipeline is drained
-                pending_error = e
-                return None
-
         while ahead is not None:
             chunk: list[StepData] = []
             size = self._steps_per_chunk()
             while ahead is not None and len(chunk) < size:
                 chunk.append(ahead)
-                ahead = fetch(t + len(chunk))
+                ahead = self._fetch(call, it, t + len(chunk))
             calls, sent = [], []
-            for s in range(d):
-                for r in range(w):
-                    acts, inputs, targets = [], {}, {}
-                    for j, step_data in enumerate(chunk):
-                        st = t + j
-                        acts += step_actions(self.schedule, s, d, m, st, first,
-                                             ahead is None and j == len(chunk) - 1)
-                        if s == 0:
-                            inputs.update({(st, i): step_data.inputs[r][i] for i in range(m)})
-                        if s == d - 1:
-                            targets.update({(st, i): step_data.targets[r][i] for i in range(m)})
-                    calls.append((s, r, self._pool.call(s, r, "run", acts,
-                                                        to_wire(inputs) or None,
-                                                        to_wire(targets) or None)))
-                    sent.append(acts)
+            for s, r in self._replicas():
+                acts, inputs, targets = [], {}, {}
+                for j, step_data in enumerate(chunk):
+                    st = t + j
+                    acts += step_actions(self.schedule, s, d, m, st, call.first,
+                                         ahead is None and j == len(chunk) - 1)
+                    if s == 0:
+                        inputs.update({(st, i): step_data.inputs[r][i] for i in range(m)})
+                    if s == d - 1:
+                        targets.update({(st, i): step_data.targets[r][i] for i in range(m)})
+                calls.append((s, r, self._pool.call(s, r, "run", acts, to_wire(inputs) or None,
+                                                    to_wire(targets) or None)))
+                sent.append(acts)
             for j, step_data in enumerate(chunk):
-                samples[t + j] = step_data.samples
-            outstanding.append((t, calls, sent))
+                call.samples[t + j] = step_data.samples
+            call.outstanding.append((calls, sent))
             t += len(chunk)
-            while len(outstanding) > LOOKAHEAD_CHUNKS:
-                absorb(*outstanding[0][1:])
-                outstanding.pop(0)
-        while outstanding:
-            absorb(*outstanding[0][1:])
-            outstanding.pop(0)
-        return t, pending_error
+            while len(call.outstanding) > LOOKAHEAD_CHUNKS:
+                self._absorb(call, *call.outstanding.pop(0))
+        while call.outstanding:
+            self._absorb(call, *call.outstanding.pop(0))
+        return t
+
+    def _fetch(self, call: "_CallState", it, step: int) -> StepData | None:
+        """The next step from ``it``, checked; None at the end or on an error (kept)."""
+        try:
+            nxt = next(it, _END)
+            return None if nxt is _END else self._split(nxt, step, step - call.first)
+        except Exception as e:   # noqa: BLE001 - re-raised once the pipeline is drained
+            call.pending_error = e
+            return None
+
+    def _absorb(self, call: "_CallState", step_calls, sent_actions) -> None:
+        """Gather one chunk's results: its events, its losses, and for every step whose losses
+        are all in, the step's report (``on_step``, metrics, progress)."""
+        m, w = self.num_microbatches, self.num_replicas
+        results: list[ChunkResult] = self._gather(step_calls)
+        fresh: set[int] = set()
+        for (s, r, _), acts, res in zip(step_calls, sent_actions, results):
+            call.events[(s, r)].extend(res.events(acts))
+            for st, _, loss in res.losses:
+                call.losses.setdefault(st, []).append(loss)
+                fresh.add(st)
+        for st in sorted(fresh):
+            if len(call.losses[st]) < m * w:
+                continue
+            loss = call.reported[st] = sum(call.losses.pop(st)) / (m * w)
+            if call.on_step is not None:
+                call.on_step(st, loss)
+            call.done_samples += call.samples.get(st, 0)
+            elapsed = time.time() - call.t_call
+            if self._metrics is not None:
+                self._metrics.step(st + 1, loss,
+                                   call.done_samples / elapsed if elapsed > 0 else None)
+            if call.bar is not None:
+                call.bar.update(st, loss)
+        if call.reported:
+            self._step_seconds = (time.time() - call.t_call) / len(call.reported)
 
     def _steps_per_chunk(self) -> int:
         """Steps per driver call: as many as take ``CHUNK_SECONDS`` by the step time measured
