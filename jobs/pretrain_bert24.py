@@ -692,58 +692,59 @@ def throughput_mode(args, trainer, stream, total, samples_per_step, log) -> dict
 def accuracy_mode(args, start, resume, total, spe, samples_per_step, lr_schedule, ckpt_dir,
                   model_cfg, partition, log) -> dict[str, Any]:
     """Train to ``total`` steps, checkpointing at epoch ends and every --checkpoint_every steps.
-    A failed stage replica (dead, hung, out of memory) stops the pipeline; it is rebuilt from the
-    newest complete checkpoint, up to --max_failures times, and training continues exactly
-    where that checkpoint left it."""
-    from pd2bw_ray import NonFiniteError, PipelineFailure
+    A failed stage replica (dead, hung, out of memory) stops the pipeline; the library rebuilds
+    it from the newest complete checkpoint, up to --max_failures times
+    (`pd2bw_ray.failure.run_with_restarts`), and training continues exactly where that
+    checkpoint left it."""
+    from pd2bw_ray import FailureConfig, NonFiniteError
     from pd2bw_ray.checkpoint import latest_checkpoint
+    from pd2bw_ray.failure import run_with_restarts
 
     assert ckpt_dir is not None
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     jsonl = ckpt_dir / "train_log.jsonl"
     losses: list[float] = []
-    last_path = None
-    failures = 0
-    ck = resume
-    while True:
+    attempts = 0
+
+    def attempt(ck) -> str | None:
+        nonlocal attempts
+        attempts += 1
         trim_log(jsonl, ck.step if ck is not None else 0)
         trainer, stream = start(ck)
         try:
             progress = Progress(total, trainer.step, samples_per_step, args.log_every, log, spe,
                                 lambda t: args.learning_rate * lr_schedule(t), jsonl)
             try:
-                outcome = train_until_done(args, trainer, stream, total, spe, ckpt_dir,
-                                           model_cfg, partition, progress, losses, log)
+                path = train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg,
+                                        partition, progress, losses, log)
             finally:
                 progress.close()
             write_timeline(args, trainer, log)
-            last_path = outcome or last_path
-            break
-        except NonFiniteError as e:
-            good = latest_checkpoint(ckpt_dir, report=log)
-            log(f"[pretrain] stopped: {e}")
-            log(f"[pretrain] the last good checkpoint is "
-                f"{good.path if good is not None else '(none yet)'}; lower --learning_rate or "
-                "check the data, then continue with --resume")
-            raise
-        except PipelineFailure as e:
-            failures += 1
-            if failures > args.max_failures:
-                log(f"[pretrain] giving up after {failures} failures: {e}")
-                raise
-            ck = latest_checkpoint(ckpt_dir, report=log)
-            log(f"[pretrain] failure {failures} of at most {args.max_failures}: {e}")
-            log(f"[pretrain] restarting the pipeline from "
-                f"{ck.path if ck is not None else 'the initial weights'}")
+            return path
         finally:
             stream.close()
             trainer.shutdown()
+
+    try:
+        last_path = run_with_restarts(attempt, ckpt_dir, FailureConfig(args.max_failures),
+                                      resume_from=resume, log=log, tag="[pretrain]")
+    except NonFiniteError as e:
+        good = latest_checkpoint(ckpt_dir, report=log)
+        log(f"[pretrain] stopped: {e}")
+        log(f"[pretrain] the last good checkpoint is "
+            f"{good.path if good is not None else '(none yet)'}; lower --learning_rate or "
+            "check the data, then continue with --resume")
+        raise
+    if last_path is None:
+        newest = latest_checkpoint(ckpt_dir, report=log)
+        last_path = str(newest.path) if newest is not None else None
     return {"mode": "accuracy", "losses": losses, "checkpoint": last_path,
-            "final_loss": losses[-1] if losses else None, "failures": failures}
+            "final_loss": losses[-1] if losses else None, "failures": attempts - 1}
 
 
 def train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg, partition,
                      progress, losses, log) -> str | None:
+    from pd2bw_ray.checkpoint import CheckpointConfig, prune_checkpoints
     from data.wait_meter import WaitMeter
 
     meter = WaitMeter(stream)     # how long the driver waits for the next step's data
@@ -770,7 +771,7 @@ def train_until_done(args, trainer, stream, total, spe, ckpt_dir, model_cfg, par
         last_path = trainer.checkpoint(str(ckpt_dir), extra=extra)
         log(f"[pretrain] checkpoint {last_path} (step {trainer.step}, "
             f"{'end of epoch ' + str(extra['epoch']) if at_epoch_end else 'mid-epoch'})")
-        prune_step_checkpoints(ckpt_dir, args.keep_checkpoints)
+        prune_checkpoints(ckpt_dir, CheckpointConfig(num_to_keep=args.keep_checkpoints))
         draw_loss_curve(ckpt_dir, log)
         if (at_epoch_end and args.stop_after_epoch is not None
                 and extra["epoch"] >= args.stop_after_epoch and trainer.step < total):
@@ -815,24 +816,6 @@ def start_step(stream, spe: int) -> int:
     """Global step index at which this stream started (from its starting data position)."""
     pos = stream.position_after(0)
     return pos.epoch * spe + pos.step
-
-
-def prune_step_checkpoints(root: Path, keep: int) -> None:
-    """Keep every end-of-epoch checkpoint and the newest ``keep`` mid-epoch ones."""
-    import shutil
-
-    from pd2bw_ray.checkpoint import list_checkpoints
-
-    mid = []
-    for path in list_checkpoints(root):
-        try:
-            extra = json.loads((path / "manifest.json").read_text()).get("extra", {})
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not extra.get("end_of_epoch", False):
-            mid.append(path)
-    for path in mid[:-keep] if keep > 0 else mid:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -262,6 +262,39 @@ def resolve_checkpoint(path: str | os.PathLike,
     return ck
 
 
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Which checkpoints `prune_checkpoints` keeps under a root: every one whose ``extra`` marks
+    it with ``keep_marked`` (a job's end-of-epoch checkpoints, which fine-tuning and exports name
+    by epoch) and the newest ``num_to_keep`` of the others (0: none of them)."""
+
+    num_to_keep: int = 2
+    keep_marked: str = "end_of_epoch"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_to_keep, bool) or not isinstance(self.num_to_keep, int) \
+                or self.num_to_keep < 0:
+            raise ValueError(f"CheckpointConfig.num_to_keep must be an integer >= 0, got "
+                             f"{self.num_to_keep!r}")
+
+
+def prune_checkpoints(root: str | os.PathLike, config: CheckpointConfig) -> list[Path]:
+    """Delete the checkpoints under ``root`` that ``config`` does not keep; returns them. A
+    checkpoint whose manifest cannot be read is left alone (``latest_checkpoint`` reports it)."""
+    unmarked = []
+    for path in list_checkpoints(root):
+        try:
+            extra = json.loads((path / "manifest.json").read_text()).get("extra", {})
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not extra.get(config.keep_marked, False):
+            unmarked.append(path)
+    doomed = unmarked[:len(unmarked) - config.num_to_keep] if config.num_to_keep else unmarked
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 # ------------------------------------------------------------------------------------------------
 # The files of a pipeline's state
 
