@@ -61,12 +61,14 @@ def test_the_planner_command_runs_outside_the_repo_from_a_plain_install(tmp_path
     borrowed = [p for p in site.getsitepackages() if Path(p).is_dir()]
     (site_dir / "borrowed.pth").write_text("\n".join(borrowed) + "\n")
     build = tmp_path / "src"
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"],
+    # the repo, or under bin/test-installed (tests run from a copy without pd2bw_ray/) its source
+    source = Path(os.environ.get("PD2BW_INSTALLED_SOURCE") or ROOT)
+    files = subprocess.run(["git", "-C", str(source), "ls-files", "-co", "--exclude-standard"],
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:                     # a clean copy of the tree, as a user's checkout
-        if (ROOT / f).is_file():
+        if (source / f).is_file():
             (build / f).parent.mkdir(parents=True, exist_ok=True)
-            (build / f).write_bytes((ROOT / f).read_bytes())
+            (build / f).write_bytes((source / f).read_bytes())
     e = env()
     e.pop("PYTHONPATH", None)
     pip = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation",
