@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-SCHEDULES = ("2bw", "flush", "gpipe")
+SCHEDULES = ("2bw", "flush", "gpipe", "zb-h1")
 
 
 class ConfigError(ValueError):

@@ -2,10 +2,11 @@
 
 The executor knows nothing about which schedule produced the actions. Per action:
 ``RECV_*`` take a message registered earlier (activations: when the chunk starts; gradients: when
-the matching activation was sent), ``F``/``B`` call the Stage, ``SEND_*`` hand tensors to the
-transport (asynchronous), ``REDUCE`` starts the step's gradient reduction on a background thread
-and ``UPDATE`` waits for it and applies the optimizer. Every action is logged with its start and
-end time, which is what the timeline and the per-stage compute/communication/idle fractions use.
+the matching activation was sent), ``F``/``B`` (or a split backward's ``I`` and ``W``) call the
+Stage, ``SEND_*`` hand tensors to the transport (asynchronous), ``REDUCE`` starts the step's
+gradient reduction on a background thread and ``UPDATE`` waits for it and applies the optimizer.
+Every action is logged with its start and end time, which is what the timeline and the per-stage
+compute/communication/idle fractions use.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .watchdog import Activity
 # How the time of each action kind counts: computing, communicating, or waiting for a peer.
 CATEGORY = {
     Kind.FORWARD: "compute", Kind.BACKWARD: "compute", Kind.UPDATE: "compute",
+    Kind.BACKWARD_INPUT: "compute", Kind.BACKWARD_WEIGHT: "compute",
     Kind.SEND_ACT: "comm", Kind.SEND_GRAD: "comm", Kind.REDUCE: "comm",
     Kind.RECV_ACT: "wait", Kind.RECV_GRAD: "wait",
 }
@@ -172,11 +174,15 @@ class StageExecutor:
             self._received[key] = self.transport.take(
                 a.peer, "grad", self._tag(a), f"gradient of step {a.step} microbatch "
                 f"{a.microbatch}")
-        elif k is Kind.BACKWARD:
+        elif k in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
+            # a whole backward, or the input-gradient half of a split one (Zero Bubble's I)
             grads = None if self.stage.is_last else self._received.pop(key)
-            gin = self.stage.backward(a.step, a.microbatch, grads)
+            run = self.stage.backward if k is Kind.BACKWARD else self.stage.backward_input
+            gin = run(a.step, a.microbatch, grads)
             if self.stage.stage > 0:
                 self._input_grads[key] = gin
+        elif k is Kind.BACKWARD_WEIGHT:
+            self.stage.backward_weight(a.step, a.microbatch)
         elif k is Kind.SEND_GRAD:
             self.transport.send(a.peer, "grad", self._tag(a), self._input_grads.pop(key))
         elif k is Kind.REDUCE:

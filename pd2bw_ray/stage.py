@@ -54,6 +54,9 @@ class _Stashed:
     outputs: list[torch.Tensor | None] = field(default_factory=list)
     loss: torch.Tensor | None = None       # last stage: the scaled loss
     nbytes: int = 0                        # activation memory it holds (unique storages)
+    # A split backward: what ``backward_input`` started from, kept for ``backward_weight``
+    roots: list[torch.Tensor] | None = None
+    root_grads: list[torch.Tensor] | None = None
 
 
 def _nbytes(tensors) -> int:
@@ -353,24 +356,9 @@ class Stage:
         for n in self.param_names:
             slot[n].grad = buf.get(n)
         try:
-            if self.is_last:
-                assert entry.loss is not None
-                torch.autograd.backward(entry.loss)
-            else:
-                if output_grads is None:
-                    raise StageError(f"stage {self.stage}: backward needs output gradients")
-                # output_grads has one entry per floating output; keep those that need grad.
-                float_outs = entry.outputs
-                if len(output_grads) != len(float_outs):
-                    raise StageError(f"stage {self.stage}: got {len(output_grads)} output "
-                                     f"gradients for {len(float_outs)} floating outputs")
-                outs, grads = [], []
-                for o, g in zip(float_outs, output_grads):
-                    if o is not None:
-                        outs.append(o)
-                        grads.append(g.to(o.device, o.dtype))
-                if outs:
-                    torch.autograd.backward(outs, grads)
+            roots, grads = self._roots(entry, output_grads)
+            if roots:
+                torch.autograd.backward(roots, grads)
         finally:
             for n in self.param_names:
                 buf[n] = slot[n].grad
@@ -380,6 +368,70 @@ class Stage:
             result.append(x.grad if x.grad is not None else torch.zeros_like(x))
             x.grad = None
         return result
+
+    def _roots(self, entry: _Stashed, output_grads: Sequence[torch.Tensor] | None
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Where a microbatch's backward starts: the scaled loss on the last stage, else the
+        outputs that need a gradient with their received gradients (one per floating output,
+        paired by position)."""
+        if self.is_last:
+            assert entry.loss is not None
+            return [entry.loss], None
+        if output_grads is None:
+            raise StageError(f"stage {self.stage}: backward needs output gradients")
+        float_outs = entry.outputs
+        if len(output_grads) != len(float_outs):
+            raise StageError(f"stage {self.stage}: got {len(output_grads)} output "
+                             f"gradients for {len(float_outs)} floating outputs")
+        outs, grads = [], []
+        for o, g in zip(float_outs, output_grads):
+            if o is not None:
+                outs.append(o)
+                grads.append(g.to(o.device, o.dtype))
+        return outs, grads
+
+    def backward_input(self, step: int, microbatch: int,
+                       output_grads: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The first half of a split backward (Zero Bubble's ``I``): the gradient of each floating
+        input, as ``backward`` returns it, and no weight gradient. The graph stays (with the
+        microbatch in flight) until ``backward_weight``."""
+        entry = self._stash.get((step, microbatch))
+        if entry is None:
+            raise StageError(f"stage {self.stage}: input-gradient backward of step {step} "
+                             f"microbatch {microbatch} without its forward")
+        if entry.roots is not None:
+            raise StageError(f"stage {self.stage}: a second input-gradient backward of step "
+                             f"{step} microbatch {microbatch}")
+        roots, grads = self._roots(entry, output_grads)
+        entry.roots, entry.root_grads = roots, grads
+        got: Sequence[torch.Tensor | None] = [None] * len(entry.inputs)
+        if roots and entry.inputs:
+            got = torch.autograd.grad(roots, entry.inputs, grads, retain_graph=True,
+                                      allow_unused=True)
+        return [g if g is not None else torch.zeros_like(x) for g, x in zip(got, entry.inputs)]
+
+    def backward_weight(self, step: int, microbatch: int) -> None:
+        """The second half of a split backward (``W``): the weight gradients of a microbatch
+        whose ``backward_input`` ran, accumulated into the step's buffers as ``backward`` does;
+        the microbatch's graph and activations are freed."""
+        key = (step, microbatch)
+        entry = self._stash.get(key)
+        if entry is None or entry.roots is None:
+            raise StageError(f"stage {self.stage}: weight-gradient backward of step {step} "
+                             f"microbatch {microbatch} before its input-gradient backward")
+        del self._stash[key]
+        slot = self._slot_of(entry.version)
+        buf = self._grads.setdefault(step, {})
+        weights = [slot[n] for n in self.param_names]
+        for n in self.param_names:
+            slot[n].grad = buf.get(n)
+        try:
+            if entry.roots and weights:
+                torch.autograd.backward(entry.roots, entry.root_grads, inputs=weights)
+        finally:
+            for n in self.param_names:
+                buf[n] = slot[n].grad
+                slot[n].grad = None
 
     def in_flight(self) -> list[tuple[int, int]]:
         return sorted(self._stash)
