@@ -50,18 +50,31 @@ class StageSpec:
     timeout_s: float
     seed: int
     two_versions: bool = True
+    ranks_per_pipeline: int = 0     # p where ranks hold virtual stages (stage s on rank s % p)
 
     @property
     def where(self) -> str:
         return f"stage {self.stage} replica {self.replica}"
 
+    @property
+    def position(self) -> int:
+        """The stage's rank within its pipeline (its stage, unless ranks hold several)."""
+        return self.stage % self.ranks_per_pipeline if self.ranks_per_pipeline else self.stage
+
 
 @dataclass(frozen=True)
 class StagePlan:
-    """The pure result of planning: one spec per (stage, replica) and the group topology."""
+    """The pure result of planning: one spec per (stage, replica) and the group topology (of
+    the ranks of one pipeline; with virtual stages, stage ``s`` is on the ranks of ``s % p``)."""
 
     specs: tuple[tuple[StageSpec, ...], ...]    # specs[s][r]
     topology: Topology
+
+    def actor_specs(self) -> list[list[tuple[StageSpec, ...]]]:
+        """The specs each actor holds: ``[position][replica]``, stages in order."""
+        p = self.topology.num_stages
+        return [[tuple(self.specs[s][r] for s in range(q, len(self.specs), p))
+                 for r in range(len(self.specs[q]))] for q in range(p)]
 
 
 def plan_stages(
@@ -84,6 +97,7 @@ def plan_stages(
     parameter names to shapes (used to check tied parameters before anything starts)."""
     m2s = list(config.module_to_stage_map)
     d, w = config.num_stages, config.num_replicas
+    p = config.ranks_per_pipeline
     if len(m2s) == num_modules + 1:
         if m2s[-1] != d - 1:
             raise ConfigError(f"{config.source}: module_to_stage_map has one entry more than there "
@@ -125,12 +139,18 @@ def plan_stages(
         for s, names in by_stage.items():
             if len(names) > 1:
                 local_ties[s].append(tuple(names))
+        if len({s % p for s in by_stage}) < len(by_stage):
+            raise ConfigError(f"tied_parameters[{gi}]: {group} are on stages {sorted(by_stage)}, "
+                              f"of which some share ranks (virtual stages, {p} ranks per "
+                              "pipeline); tie parameters of stages on different ranks, or "
+                              "put them on one stage")
         if len(by_stage) > 1:
             source = stage_of[int(group[0].split(".", 1)[0])]
             cross.append((sorted(by_stage), {s: names[0] for s, names in by_stage.items()},
                           source))
-    topology = Topology.build([list(config.stage_to_rank_map[str(s)]) for s in range(d)],
-                              [stages for stages, _, _ in cross], devices=device)
+    topology = Topology.build([list(config.stage_to_rank_map[str(q)]) for q in range(p)],
+                              [[s % p for s in stages] for stages, _, _ in cross], devices=device,
+                              wrap=p < d)
     specs = []
     for s in range(d):
         row = []
@@ -140,16 +160,16 @@ def plan_stages(
                 if s in stages:
                     ties.append(TieSpec(f"tie:{ti}", canonical[s],
                                         counts_in_norm=(s == stages[0])))
-                    sources.append((f"tie:{ti}", topology.rank(source, 0)))
+                    sources.append((f"tie:{ti}", topology.rank(source % p, 0)))
             row.append(StageSpec(
-                stage=s, replica=r, rank=topology.rank(s, r), num_stages=d, num_replicas=w,
+                stage=s, replica=r, rank=topology.rank(s % p, r), num_stages=d, num_replicas=w,
                 num_microbatches=num_microbatches,
                 module_ids=tuple(k for k in range(num_modules) if stage_of[k] == s),
                 local_ties=tuple(local_ties[s]), ties=tuple(ties), tie_sources=tuple(sources),
                 max_grad_norm=max_grad_norm, grad_scale=1.0 / (num_microbatches * w),
                 device=device, torch_threads=torch_threads, recompute=s in set(recompute),
                 autocast_bf16=autocast_bf16, timeout_s=timeout_s, seed=seed,
-                two_versions=two_versions))
+                two_versions=two_versions, ranks_per_pipeline=p if p < d else 0))
         specs.append(tuple(row))
     return StagePlan(tuple(specs), topology)
 
@@ -187,14 +207,18 @@ def _watched(method):
 
 
 class StageActor:
-    """One stage replica. Methods are called by the driver, one at a time, in order; only
-    ``heartbeat`` runs beside them (on a Ray actor, in its own concurrency group "watch")."""
+    """One stage replica, or (``spec`` a sequence) one rank's replicas of several virtual
+    stages, each its own ``Stage`` with its weight versions, optimizer state and stash. Methods
+    are called by the driver, one at a time, in order; only ``heartbeat`` runs beside them (on a
+    Ray actor, in its own concurrency group "watch")."""
 
-    def __init__(self, spec: StageSpec, modules: Mapping[int, nn.Module | Callable[[], nn.Module]],
+    def __init__(self, spec: StageSpec | Sequence[StageSpec],
+                 modules: Mapping[int, nn.Module | Callable[[], nn.Module]],
                  loss_fn: Callable | None, optimizer_factory: OptimizerFactory,
                  initial_state: Mapping[str, torch.Tensor] | None = None,
                  lr_schedule: Callable[[int], float] | None = None):
-        self.spec = spec
+        self.specs = (spec,) if isinstance(spec, StageSpec) else tuple(spec)
+        spec = self.spec = self.specs[0]
         self.activity = Activity()
         if spec.device == "cpu":
             torch.set_num_threads(spec.torch_threads)
@@ -208,12 +232,16 @@ class StageActor:
         device = spec.device
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
-        try:
-            self.stage = self._build(spec, built, loss_fn, optimizer_factory, initial_state,
-                                     device, lr_schedule)
-        except Exception as e:
-            raise StageError(f"{spec.where}: building the stage failed: "
-                             f"{type(e).__name__}: {e}") from e
+        self.stages: dict[int, Stage] = {}
+        for sp in self.specs:
+            try:
+                self.stages[sp.stage] = self._build(
+                    sp, {k: built[k] for k in sp.module_ids}, loss_fn, optimizer_factory,
+                    initial_state, device, lr_schedule)
+            except Exception as e:
+                raise StageError(f"{sp.where}: building the stage failed: "
+                                 f"{type(e).__name__}: {e}") from e
+        self.stage = self.stages[spec.stage]
         self.executor: StageExecutor | None = None
         self.transport: Transport | None = None
         self.metrics: StageMetrics | None = None
@@ -244,7 +272,8 @@ class StageActor:
                 node = ray.get_runtime_context().get_node_id()
         except Exception:  # noqa: BLE001 - informational only
             pass
-        return {"stage": self.spec.stage, "replica": self.spec.replica, "rank": self.spec.rank,
+        return {"stage": self.spec.stage, "stages": sorted(self.stages),
+                "replica": self.spec.replica, "rank": self.spec.rank,
                 "host": socket.gethostname(), "pid": os.getpid(), "node_id": node,
                 "device": str(self.stage.device)}
 
@@ -254,14 +283,15 @@ class StageActor:
         spec = self.spec
         if transport_class(comm) is ThreadTransport:
             assert comm.hub is not None
-            self.transport = comm.hub.transport(spec.stage, spec.replica, spec.timeout_s)
+            self.transport = comm.hub.transport(spec.position, spec.replica, spec.timeout_s)
         else:
-            self.transport = DistTransport(topology, spec.stage, spec.replica, spec.timeout_s,
+            self.transport = DistTransport(topology, spec.position, spec.replica, spec.timeout_s,
                                            comm.world_name, self.stage.device, comm.use_nccl)
         self.executor = StageExecutor(
-            self.stage, self.transport,
-            ReduceSpec(spec.stage, spec.replica, spec.num_stages, spec.num_replicas,
-                       spec.max_grad_norm, spec.ties),
+            self.stages, self.transport,
+            {sp.stage: ReduceSpec(sp.stage, sp.replica, sp.num_stages, sp.num_replicas,
+                                  sp.max_grad_norm, sp.ties, sp.ranks_per_pipeline)
+             for sp in self.specs},
             spec.num_microbatches, spec.timeout_s, self.activity)
         if comm.backend != "thread":     # a Ray actor: its metrics reach the dashboard
             self.metrics = StageMetrics(comm.world_name, spec.stage, spec.replica)
@@ -270,15 +300,16 @@ class StageActor:
     def sync_weights(self) -> None:
         """Make replicas (from replica 0) and tied copies (from the group's first name) equal."""
         assert self.transport is not None
-        stage, spec = self.stage, self.spec
-        slot = stage._slot_of(stage.newest_version)
-        with torch.no_grad():
-            if spec.num_replicas > 1:
-                src = self.transport.topology.rank(spec.stage, 0)
-                for n in stage.param_names:
-                    self.transport.broadcast(f"replicas:{spec.stage}", slot[n], src)
-            for tie, (group, src) in zip(spec.ties, spec.tie_sources):
-                self.transport.broadcast(group, slot[tie.name], src)
+        for spec in self.specs:
+            stage = self.stages[spec.stage]
+            slot = stage._slot_of(stage.newest_version)
+            with torch.no_grad():
+                if spec.num_replicas > 1:
+                    src = self.transport.topology.rank(spec.position, 0)
+                    for n in stage.param_names:
+                        self.transport.broadcast(f"replicas:{spec.position}", slot[n], src)
+                for tie, (group, src) in zip(spec.ties, spec.tie_sources):
+                    self.transport.broadcast(group, slot[tie.name], src)
 
     @_watched
     def run(self, actions: Sequence[Action], inputs: Mapping | None = None,
@@ -296,7 +327,8 @@ class StageActor:
 
     @_watched
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.stage.named_weights().items()}
+        return {k: v.detach().cpu().clone() for stage in self.stages.values()
+                for k, v in stage.named_weights().items()}
 
     @_watched
     def versions(self) -> list[int]:
@@ -307,19 +339,24 @@ class StageActor:
         """The stage's memory accounting (bytes) and this process's peak resident size."""
         import resource
 
-        out = self.stage.memory()
+        # virtual stages: their accounting summed (weight versions: how many each holds)
+        parts = [stage.memory() for stage in self.stages.values()]
+        out = {k: (max if k == "weight_versions" else sum)(m[k] for m in parts)
+               for k in parts[0]}
         out["process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.stage.device.type == "cuda":
             out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(self.stage.device)
         if reset_peaks:
-            self.stage.reset_peaks()
+            for stage in self.stages.values():
+                stage.reset_peaks()
             if self.stage.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.stage.device)
         return out
 
     @_watched
     def set_lr(self, lr: float) -> None:
-        self.stage.set_lr(lr)
+        for stage in self.stages.values():
+            stage.set_lr(lr)
 
     @_watched
     def lr(self) -> float | None:
@@ -331,13 +368,19 @@ class StageActor:
         out: dict[str, Any] = {"rng": torch.get_rng_state()}
         if self.stage.device.type == "cuda":
             out["cuda_rng"] = torch.cuda.get_rng_state(self.stage.device)
-        if with_weights:
+        if with_weights and len(self.stages) > 1:     # virtual stages: one state per stage
+            out["stages"] = {s: stage.export_state() for s, stage in self.stages.items()}
+        elif with_weights:
             out.update(self.stage.export_state())
         return out
 
     @_watched
     def import_state(self, state: Mapping[str, Any]) -> None:
-        self.stage.import_state(state)
+        if "stages" in state:
+            for s, st in state["stages"].items():
+                self.stages[s].import_state(st)
+        else:
+            self.stage.import_state(state)
         if state.get("rng") is not None:
             torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.stage.device.type == "cuda":

@@ -191,8 +191,11 @@ class Topology:
     """Ranks of every (stage, replica) and every communication group, in the order in which all
     ranks create them. Group names: ``act:s:r`` (stage s -> s+1, replica r), ``grad:s:r``
     (s+1 -> s), ``replicas:s``, ``pipeline:r``, ``tie:i`` (all replicas of the stages holding tied
-    parameter set i). ``devices[rank]`` is the device type ("cpu" or "cuda") that rank computes
-    on; it decides each group's backend (``group_backend``)."""
+    parameter set i); with virtual stages (``wrap``; "stage" is then a rank's position in its
+    pipeline) ``act:{d-1}:r`` and ``grad:{d-1}:r`` link the last position back to the first, so
+    that each direction of a pair of ranks has its own group (NCCL runs one group's operations in
+    order). ``devices[rank]`` is the device type ("cpu" or "cuda") that rank computes on; it
+    decides each group's backend (``group_backend``)."""
 
     num_stages: int
     num_replicas: int
@@ -202,7 +205,7 @@ class Topology:
 
     @classmethod
     def build(cls, ranks: Sequence[Sequence[int]], tie_stages: Sequence[Sequence[int]] = (),
-              devices: Sequence[str] | str = "cpu") -> "Topology":
+              devices: Sequence[str] | str = "cpu", wrap: bool = False) -> "Topology":
         """``devices``: one device type for every rank, or one per rank."""
         d, w = len(ranks), len(ranks[0])
         groups: list[tuple[str, tuple[int, ...]]] = []
@@ -210,6 +213,10 @@ class Topology:
             for r in range(w):
                 groups.append((f"act:{s}:{r}", (ranks[s][r], ranks[s + 1][r])))
                 groups.append((f"grad:{s}:{r}", (ranks[s][r], ranks[s + 1][r])))
+        if wrap and d > 1:
+            for r in range(w):
+                groups.append((f"act:{d - 1}:{r}", (ranks[d - 1][r], ranks[0][r])))
+                groups.append((f"grad:{d - 1}:{r}", (ranks[d - 1][r], ranks[0][r])))
         for s in range(d):
             groups.append((f"replicas:{s}", tuple(ranks[s])))
         for r in range(w):
@@ -267,10 +274,12 @@ class Transport(ABC):
     def peer_name(self, stage: int) -> str:
         return f"stage {stage} replica {self.replica} (rank {self.topology.rank(stage, self.replica)})"
 
-    def link(self, peer_stage: int, kind: str) -> str:
-        """Name of the link group carrying ``kind`` between this stage and ``peer_stage``."""
-        lo = min(self.stage, peer_stage)
-        return f"{kind}:{lo}:{self.replica}"
+    def link(self, peer_stage: int, kind: str, sending: bool) -> str:
+        """Name of the link group carrying ``kind`` between this stage and ``peer_stage``: the
+        one named after the stage the activations go out from (with virtual stages, the last
+        position sends activations on to the first)."""
+        source = self.stage if (kind == "act") == sending else peer_stage
+        return f"{kind}:{source}:{self.replica}"
 
     @abstractmethod
     def send(self, peer_stage: int, kind: str, tag: int, tensors: Sequence[torch.Tensor]) -> None:
@@ -518,12 +527,12 @@ class DistTransport(Transport):
 
     def _isend(self, peer_stage: int, kind: str, buf: torch.Tensor, tag: int) -> None:
         work = self._dist.isend(buf, dst=self.topology.rank(peer_stage, self.replica),
-                                group=self._groups[self.link(peer_stage, kind)], tag=tag)
+                                group=self._groups[self.link(peer_stage, kind, True)], tag=tag)
         self._pending.append((work, buf, peer_stage))
 
     def send(self, peer_stage, kind, tag, tensors):
         self._reap()
-        wire = self._wire[self.link(peer_stage, kind)]
+        wire = self._wire[self.link(peer_stage, kind, True)]
         if kind != "act":
             self._isend(peer_stage, kind, pack(tensors, wire), tag | 1)
             return
@@ -551,7 +560,7 @@ class DistTransport(Transport):
     # ---------------------------------------------------------------- receiving
 
     def _irecv(self, peer_stage: int, kind: str, size: int, tag: int):
-        group = self.link(peer_stage, kind)
+        group = self.link(peer_stage, kind, False)
         buf = torch.empty(size, dtype=torch.uint8, device=self._wire[group])
         work = self._dist.irecv(buf, src=self.topology.rank(peer_stage, self.replica),
                                 group=self._groups[group], tag=tag)

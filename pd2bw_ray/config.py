@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-SCHEDULES = ("2bw", "flush", "gpipe", "zb-h1")
+SCHEDULES = ("2bw", "flush", "gpipe", "interleaved", "zb-h1")
 
 
 class ConfigError(ValueError):
@@ -27,12 +27,16 @@ class PipelineConfig:
 
     ``module_to_stage_map[k]`` is the stage of module ``k``; stages are contiguous and start at 0.
     ``stage_to_rank_map[str(s)]`` lists the global ranks holding stage ``s``; every stage has the
-    same number of replicas and every rank in ``0..n-1`` is used exactly once.
+    same number of replicas and every rank in ``0..n-1`` is used exactly once, except that stage
+    ``s`` and ``s + p`` may hold exactly the same ranks (for every ``s``): each of the
+    ``ranks_per_pipeline`` = ``p`` ranks of a pipeline then holds ``stages_per_rank`` virtual
+    stages (the interleaved schedule's layout).
     """
 
     module_to_stage_map: tuple[int, ...]
     stage_to_rank_map: Mapping[str, tuple[int, ...]]
     source: str = field(default="<PipelineConfig>", compare=False)
+    ranks_per_pipeline: int = field(default=0, init=False, compare=False, repr=False)
 
     def __init__(
         self,
@@ -84,12 +88,20 @@ class PipelineConfig:
             if not s2r.get(str(s)):
                 raise ConfigError(f"{where}: stage {s} has no ranks in stage_to_rank_map; give it "
                                   f"a list such as \"{s}\": [{s}]")
+        # Virtual stages (PipeDream's conf, extended): the ranks of stage s may be exactly those
+        # of stage s % p, where p stages come before the first one that repeats stage 0's ranks.
+        p = next((s for s in range(1, num_stages) if s2r[str(s)] == s2r["0"]), num_stages)
+        virtual = p < num_stages and num_stages % p == 0 and all(
+            s2r[str(s)] == s2r[str(s % p)] for s in range(num_stages))
         seen: dict[int, int] = {}
-        for s in range(num_stages):
+        for s in range(p if virtual else num_stages):
             for r in s2r[str(s)]:
                 if r in seen:
-                    raise ConfigError(f"{where}: rank {r} is used twice (stage {seen[r]} and "
-                                      f"stage {s}); each rank runs exactly one stage replica")
+                    raise ConfigError(
+                        f"{where}: rank {r} is used twice (stage {seen[r]} and stage {s}); each "
+                        "rank runs exactly one stage replica, or several virtual stages: stage s "
+                        "and s + p with exactly the same ranks, for every stage (p ranks per "
+                        "pipeline)")
                 seen[r] = s
         widths = {s: len(s2r[str(s)]) for s in range(num_stages)}
         if len(set(widths.values())) != 1:
@@ -104,6 +116,7 @@ class PipelineConfig:
         object.__setattr__(self, "stage_to_rank_map",
                            {str(s): s2r[str(s)] for s in range(num_stages)})
         object.__setattr__(self, "source", source)
+        object.__setattr__(self, "ranks_per_pipeline", p if virtual else num_stages)
 
     @property
     def num_stages(self) -> int:
@@ -114,8 +127,13 @@ class PipelineConfig:
         return len(self.stage_to_rank_map["0"])
 
     @property
+    def stages_per_rank(self) -> int:
+        """Stages each rank holds: 1, or v > 1 virtual stages (stage s on the ranks of s % p)."""
+        return self.num_stages // self.ranks_per_pipeline
+
+    @property
     def world_size(self) -> int:
-        return self.num_stages * self.num_replicas
+        return self.ranks_per_pipeline * self.num_replicas
 
     def rank(self, stage: int, replica: int) -> int:
         return self.stage_to_rank_map[str(stage)][replica]

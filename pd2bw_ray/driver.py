@@ -26,7 +26,9 @@ from torch import nn
 
 from .actor import CommSetup, StageActor, plan_stages
 from .collectives import ThreadHub
-from .config import (ActorResources, CommConfig, ConfigError, PipelineConfig, StageOptions)
+from . import schedules
+from .config import (SCHEDULES, ActorResources, CommConfig, ConfigError, PipelineConfig,
+                     StageOptions)
 from .executor import ChunkResult, Event, PipelineFailure
 from .metrics import DriverMetrics, time_fractions
 from .progress import ProgressBar
@@ -79,8 +81,10 @@ class PipelineTrainer:
     ``modules[k]``'s output feeds ``modules[k+1]`` (a tuple is unpacked into its arguments); a
     microbatch's inputs go to module 0 and ``loss_fn(last_output, targets)`` gives its loss.
     ``config`` says which stage runs each module and which ranks run each stage (replicas).
-    ``schedule`` is "2bw" (PipeDream-2BW: ``W(t+1) = W(t) - update(grad f(W(t-1)))``), "flush"
-    or "gpipe" (``W(t+1) = W(t) - update(grad f(W(t)))``). Each step is one weight update over
+    ``schedule`` is "2bw" (PipeDream-2BW: ``W(t+1) = W(t) - update(grad f(W(t-1)))``), "flush",
+    "gpipe", "zb-h1" (Zero Bubble H1) or "interleaved" (Megatron's, over the virtual stages of a
+    ``config`` whose stage ``s`` and ``s + p`` share ranks), the last four all
+    ``W(t+1) = W(t) - update(grad f(W(t)))``. Each step is one weight update over
     ``num_microbatches`` microbatches per replica. ``tied_parameters`` lists groups of names
     ("<module index>.<parameter name>") that are one weight (they start from the first name's
     value, their gradients are summed, they stay identical). ``max_grad_norm`` clips by the
@@ -126,7 +130,16 @@ class PipelineTrainer:
         self.local = local
         self.name = name or f"pd2bw-{uuid.uuid4().hex[:8]}"
         d = config.num_stages
-        check_shape(schedule, d, self.num_microbatches)
+        if config.stages_per_rank > 1 and not schedules.get(schedule).virtual:
+            p = config.ranks_per_pipeline
+            raise ConfigError(
+                f"{config.source}: rank {config.rank(p, 0)} is used twice (stage 0 and stage "
+                f"{p}); under schedule {schedule!r} each rank runs exactly one stage replica "
+                f"(stage s and s + {p} may share ranks as virtual stages under "
+                + " or ".join(repr(n) for n, sc in schedules.REGISTRY.items()
+                              if sc.virtual and n in SCHEDULES) + ")")
+        check_shape(schedule, config.ranks_per_pipeline, self.num_microbatches,
+                    config.stages_per_rank)
         if not modules:
             raise ConfigError("modules is empty; pass the list of torch.nn.Module the pipeline "
                               "chains")
@@ -166,10 +179,13 @@ class PipelineTrainer:
         if lr_schedule is not None and not callable(lr_schedule):
             raise ConfigError("lr_schedule must be a function of the step returning a factor")
         self._lr_schedule = lr_schedule
-        per_stage = [{k: modules[k] for k in row[0].module_ids} for row in self._plan.specs]
+        # per actor row: a rank of the pipeline, holding its stage or its virtual stages
+        self._actor_specs = self._plan.actor_specs()
+        held = [sorted(k for spec in row[0] for k in spec.module_ids) for row in self._actor_specs]
+        per_stage = [{k: modules[k] for k in ids} for ids in held]
         states = [None if initial_state_dict is None else
                   {k: v for k, v in initial_state_dict.items()
-                   if int(k.split(".", 1)[0]) in row[0].module_ids} for row in self._plan.specs]
+                   if int(k.split(".", 1)[0]) in ids} for ids in held]
         try:
             if local:
                 self._start_threads(per_stage, loss_fn, optimizer_factory, states)
@@ -185,10 +201,10 @@ class PipelineTrainer:
         import copy
 
         hub = ThreadHub(self._plan.topology)
-        actors = [[StageActor(spec, copy.deepcopy(per_stage[spec.stage]), loss_fn,
-                              optimizer_factory, states[spec.stage], self._lr_schedule)
-                   for spec in row]
-                  for row in self._plan.specs]
+        actors = [[StageActor(_one(specs), copy.deepcopy(per_stage[q]), loss_fn,
+                              optimizer_factory, states[q], self._lr_schedule)
+                   for specs in row]
+                  for q, row in enumerate(self._actor_specs)]
         self._pool = ThreadPool(actors, hub, Watchdog(self.comm.timeout_s))
         comm = CommSetup("thread", self.name, hub)
         self._all("setup", self._plan.topology, comm)
@@ -207,12 +223,13 @@ class PipelineTrainer:
         remote_cls = ray.remote(concurrency_groups={"watch": 1})(StageActor)
         module_refs = [ray.put(m) for m in per_stage]
         actors = []
-        for s, row in enumerate(self._plan.specs):
+        p = self.config.ranks_per_pipeline
+        for s, row in enumerate(self._actor_specs):
             actor_row = []
-            for spec in row:
-                opts = actor_options(self.name, s, spec.replica, self.config.num_stages, res, pg)
+            for specs in row:
+                opts = actor_options(self.name, s, specs[0].replica, p, res, pg)
                 actor_row.append(remote_cls.options(**opts).remote(
-                    spec, module_refs[s], loss_fn if s == self.config.num_stages - 1 else None,
+                    _one(specs), module_refs[s], loss_fn if s == p - 1 else None,
                     optimizer_factory, states[s], self._lr_schedule))
             actors.append(actor_row)
         self._pool = RayPool(actors, pg, Watchdog(self.comm.timeout_s))
@@ -224,7 +241,7 @@ class PipelineTrainer:
     def _all(self, method: str, *args: Any) -> list[Any]:
         assert self._pool is not None
         calls = [(s, r, self._pool.call(s, r, method, *args))
-                 for s, row in enumerate(self._plan.specs) for r in range(len(row))]
+                 for s, row in enumerate(self._actor_specs) for r in range(len(row))]
         return self._gather(calls)
 
     def _gather(self, calls):
@@ -323,7 +340,8 @@ class PipelineTrainer:
         return [call.reported[st] for st in range(first, t)]
 
     def _replicas(self) -> list[tuple[int, int]]:
-        return [(s, r) for s in range(self.num_stages) for r in range(self.num_replicas)]
+        return [(s, r) for s in range(self.config.ranks_per_pipeline)
+                for r in range(self.num_replicas)]
 
     def _stream(self, call: "_CallState", it, data: StepData) -> int:
         """Submit chunks of consecutive steps to every stage replica, a couple of chunks ahead of
@@ -333,7 +351,8 @@ class PipelineTrainer:
         step ends the call with a clean drain (kept as ``call.pending_error``, raised after).
         Returns the index after the last trained step."""
         assert self._pool is not None
-        d, m = self.num_stages, self.num_microbatches
+        d, m = self.config.ranks_per_pipeline, self.num_microbatches
+        v = self.config.stages_per_rank
         t = call.first
         ahead: StepData | None = data     # the next step, fetched and checked
         while ahead is not None:
@@ -348,7 +367,7 @@ class PipelineTrainer:
                 for j, step_data in enumerate(chunk):
                     st = t + j
                     acts += step_actions(self.schedule, s, d, m, st, call.first,
-                                         ahead is None and j == len(chunk) - 1)
+                                         ahead is None and j == len(chunk) - 1, v)
                     if s == 0:
                         inputs.update({(st, i): step_data.inputs[r][i] for i in range(m)})
                     if s == d - 1:
@@ -416,7 +435,8 @@ class PipelineTrainer:
         "<module index>.<name>"."""
         self._check_alive()
         assert self._pool is not None
-        calls = [(s, 0, self._pool.call(s, 0, "state_dict")) for s in range(self.num_stages)]
+        calls = [(s, 0, self._pool.call(s, 0, "state_dict"))
+                 for s in range(self.config.ranks_per_pipeline)]
         merged: dict[str, torch.Tensor] = {}
         for part in self._gather(calls):
             merged.update(part)
@@ -427,7 +447,7 @@ class PipelineTrainer:
         self._check_alive()
         assert self._pool is not None
         calls = [(s, r, self._pool.call(s, r, "state_dict"))
-                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+                 for s in range(self.config.ranks_per_pipeline) for r in range(self.num_replicas)]
         return {(s, r): sd for (s, r, _), sd in zip(calls, self._gather(calls))}
 
     def versions(self) -> dict[tuple[int, int], list[int]]:
@@ -435,7 +455,7 @@ class PipelineTrainer:
         self._check_alive()
         assert self._pool is not None
         calls = [(s, r, self._pool.call(s, r, "versions"))
-                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+                 for s in range(self.config.ranks_per_pipeline) for r in range(self.num_replicas)]
         return {(s, r): v for (s, r, _), v in zip(calls, self._gather(calls))}
 
     def placement(self) -> dict[tuple[int, int], dict[str, Any]]:
@@ -443,7 +463,7 @@ class PipelineTrainer:
         self._check_alive()
         assert self._pool is not None
         calls = [(s, r, self._pool.call(s, r, "where"))
-                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+                 for s in range(self.config.ranks_per_pipeline) for r in range(self.num_replicas)]
         return {(s, r): v for (s, r, _), v in zip(calls, self._gather(calls))}
 
     def action_log(self) -> dict[tuple[int, int], list[Event]]:
@@ -483,7 +503,7 @@ class PipelineTrainer:
         self._check_alive()
         assert self._pool is not None
         calls = [(s, r, self._pool.call(s, r, "memory", reset_peaks))
-                 for s in range(self.num_stages) for r in range(self.num_replicas)]
+                 for s in range(self.config.ranks_per_pipeline) for r in range(self.num_replicas)]
         out: dict[tuple[int, int], dict[str, Any]] = {}
         for (s, r, _), mem in zip(calls, self._gather(calls)):
             out[(s, r)] = {"memory": mem, "time": time_fractions(self._events.get((s, r), []))}
@@ -512,8 +532,13 @@ class PipelineTrainer:
         self._check_alive()
         assert self._pool is not None
         calls = [(s, r, self._pool.call(s, r, "export_state", r == 0))
-                 for s in range(self.num_stages) for r in range(self.num_replicas)]
-        exported = {(s, r): st for (s, r, _), st in zip(calls, self._gather(calls))}
+                 for s in range(self.config.ranks_per_pipeline) for r in range(self.num_replicas)]
+        exported = {}
+        for (q, r, _), st in zip(calls, self._gather(calls)):
+            # a rank holding virtual stages exports each of them (with a copy of its RNG state)
+            for s, part in st["stages"].items() if "stages" in st else [(q, st)]:
+                exported[(s, r)] = {**part, **{k: st[k].clone() for k in ("rng", "cuda_rng")
+                                               if k in st}}
         files, stages = stage_files(exported)
         manifest = {
             "schedule": self.schedule, "num_microbatches": self.num_microbatches,
@@ -539,6 +564,13 @@ class PipelineTrainer:
                 f"({len(man['stages'])} stages); this pipeline has "
                 f"{list(self.config.module_to_stage_map)} ({self.num_stages} stages)")
         states = stage_states(ck, self.num_replicas)
+        p = self.config.ranks_per_pipeline
+        if self.config.stages_per_rank > 1:    # one state per actor, holding its stages'
+            held: dict[tuple[int, int], dict[str, Any]] = {}
+            for (s, r), st in sorted(states.items()):
+                held.setdefault((s % p, r), {"stages": {}, "rng": st["rng"],
+                                             "cuda_rng": st["cuda_rng"]})["stages"][s] = st
+            states = held
         calls = [(s, r, self._pool.call(s, r, "import_state", st))
                  for (s, r), st in sorted(states.items())]
         self._gather(calls)
@@ -644,3 +676,8 @@ def _check_state_keys(state: Mapping[str, torch.Tensor], names: set[str]) -> Non
             parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         raise ConfigError("initial_state_dict does not match the modules: " + "; ".join(parts)
                           + " (keys are '<module index>.<name>', as trainer.state_dict())")
+
+
+def _one(specs: tuple) -> Any:
+    """An actor's spec: the spec of its stage, or the tuple of its virtual stages' specs."""
+    return specs[0] if len(specs) == 1 else specs

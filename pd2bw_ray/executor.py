@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ class ReduceSpec:
     num_replicas: int
     max_grad_norm: float | None = None
     ties: tuple[TieSpec, ...] = ()
+    ranks_per_pipeline: int = 0     # p when ranks hold virtual stages (stage s on rank s % p)
+
+    @property
+    def position(self) -> int:
+        """The stage's rank within its pipeline (its stage, unless ranks hold several)."""
+        return self.stage % self.ranks_per_pipeline if self.ranks_per_pipeline else self.stage
 
 
 class Event(NamedTuple):
@@ -93,20 +100,34 @@ class NonFiniteError(PipelineFailure):
 
 
 class StageExecutor:
-    def __init__(self, stage: Stage, transport: Transport, reduce: ReduceSpec,
-                 num_microbatches: int, timeout_s: float, activity: Activity | None = None):
-        self.stage = stage
+    """Runs the actions of one rank: its Stage, or several (virtual) stages keyed by index, each
+    with its ReduceSpec. Actions naming a ``stage`` go to that one."""
+
+    def __init__(self, stage: Stage | Mapping[int, Stage], transport: Transport,
+                 reduce: ReduceSpec | Mapping[int, ReduceSpec], num_microbatches: int,
+                 timeout_s: float, activity: Activity | None = None):
+        self.stages = dict(stage) if isinstance(stage, Mapping) else {stage.stage: stage}
+        self.specs = dict(reduce) if isinstance(reduce, Mapping) else {reduce.stage: reduce}
+        self.stage = self.stages[min(self.stages)]
+        self.spec = self.specs[min(self.specs)]
         self.activity = activity if activity is not None else Activity()   # for the heartbeat
         self.transport = transport
-        self.spec = reduce
         self.m = num_microbatches
         self.timeout_s = timeout_s
-        self.where = f"stage {reduce.stage} replica {reduce.replica}"
+        self.where = (f"stage {self.spec.stage} replica {self.spec.replica}"
+                      if len(self.stages) == 1 else
+                      f"stages {sorted(self.stages)} replica {self.spec.replica}")
         self._reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd2bw-reduce")
         self._reductions: dict[int, Future] = {}
-        self._outputs: dict[tuple[int, int], tuple] = {}
-        self._received: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self._input_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+        # keyed by (stage or None, step, microbatch)
+        self._outputs: dict[tuple, tuple] = {}
+        self._received: dict[tuple, list[torch.Tensor]] = {}
+        self._input_grads: dict[tuple, list[torch.Tensor]] = {}
+        # Virtual stages: messages between two stages of this rank, and gradient receives posted
+        # in the order the actions take them (their layout is known once the activation went)
+        self._local: dict[tuple, list[torch.Tensor]] = {}
+        self._grad_order: dict[int, deque] = {}         # peer rank position -> tags, in order
+        self._grad_layouts: dict[tuple[int, int], Any] = {}   # (peer position, tag) -> layout
 
     # ------------------------------------------------------------------ running a chunk
 
@@ -116,8 +137,11 @@ class StageExecutor:
         targets = targets or {}
         result = ChunkResult()
         for a in actions:   # register every activation this chunk will receive, in order
-            if a.kind is Kind.RECV_ACT:
-                self.transport.expect(a.peer, "act", self._tag(a), None)
+            if a.kind is Kind.RECV_ACT and not self._is_local(a):
+                self.transport.expect(self._peer(a), "act", self._tag(a), None)
+            elif a.kind is Kind.RECV_GRAD and a.stage is not None and not self._is_local(a):
+                self._grad_order.setdefault(self._peer(a), deque()).append(self._tag(a))
+        self._post_grads()
         for a in actions:
             t0 = time.time()
             self.activity.progress(a)
@@ -136,57 +160,96 @@ class StageExecutor:
         return result
 
     def _tag(self, a: Action) -> int:
-        return message_tag(a.step, a.microbatch, self.m)
+        if a.stage is None:
+            return message_tag(a.step, a.microbatch, self.m)
+        # virtual stages: one tag per (link between stages, step, microbatch)
+        link = min(a.stage, a.peer)
+        return message_tag(a.step, link * self.m + a.microbatch, self.m * self.spec.num_stages)
+
+    def _peer(self, a: Action) -> int:
+        """The rank position the message goes to or comes from (the transport's peer)."""
+        p = self.spec.ranks_per_pipeline
+        return a.peer % p if a.stage is not None and p else a.peer
+
+    def _is_local(self, a: Action) -> bool:
+        return a.stage is not None and a.peer in self.stages
+
+    def _post_grads(self) -> None:
+        """Post the gradient receives whose turn it is and whose layout is known."""
+        for peer, order in self._grad_order.items():
+            while order and (peer, order[0]) in self._grad_layouts:
+                tag = order.popleft()
+                self.transport.expect(peer, "grad", tag, self._grad_layouts.pop((peer, tag)))
 
     def _execute(self, a: Action, inputs, targets, result: ChunkResult) -> None:
         key = (a.step, a.microbatch)
+        ikey = (a.stage, a.step, a.microbatch)
+        stage = self.stage if a.stage is None else self.stages[a.stage]
         k = a.kind
         if k is Kind.RECV_ACT:
-            self._received[key] = self.transport.take(
-                a.peer, "act", self._tag(a), f"activation of step {a.step} microbatch "
-                f"{a.microbatch}")
+            if self._is_local(a):
+                self._received[ikey] = self._local.pop(("act", a.stage, a.step, a.microbatch))
+            else:
+                self._received[ikey] = self.transport.take(
+                    self._peer(a), "act", self._tag(a), f"activation of step {a.step} "
+                    f"microbatch {a.microbatch}")
         elif k is Kind.FORWARD:
-            if self.stage.stage == 0:
+            if stage.stage == 0:
                 if key not in inputs:
                     raise StageError(f"no input data for step {a.step} microbatch {a.microbatch}")
                 x = inputs[key]
                 x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
             else:
-                x = tuple(self._received.pop(key))
-            if self.stage.is_last:
+                x = tuple(self._received.pop(ikey))
+            if stage.is_last:
                 if key not in targets:
                     raise StageError(f"no targets for step {a.step} microbatch {a.microbatch}")
-                loss = self.stage.forward(a.step, a.microbatch, a.version, x,
-                                          _to_device(targets[key], self.stage.device))
+                loss = stage.forward(a.step, a.microbatch, a.version, x,
+                                     _to_device(targets[key], stage.device))
                 if not math.isfinite(loss):
                     raise _NonFinite(
                         f"the loss is {loss} at step {a.step} microbatch {a.microbatch}; training "
-                        f"stopped (the newest weights are version {self.stage.newest_version}, "
+                        f"stopped (the newest weights are version {stage.newest_version}, "
                         "from before this step)")
                 result.losses.append((a.step, a.microbatch, loss))
             else:
-                self._outputs[key] = self.stage.forward(a.step, a.microbatch, a.version, x)
+                self._outputs[ikey] = stage.forward(a.step, a.microbatch, a.version, x)
         elif k is Kind.SEND_ACT:
-            out = self._outputs.pop(key)
-            self.transport.send(a.peer, "act", self._tag(a), out)
-            self.transport.expect(a.peer, "grad", self._tag(a), Stage.grad_layout(out))
+            out = self._outputs.pop(ikey)
+            if self._is_local(a):
+                self._local[("act", a.peer, a.step, a.microbatch)] = list(out)
+            elif a.stage is None:
+                self.transport.send(a.peer, "act", self._tag(a), out)
+                self.transport.expect(a.peer, "grad", self._tag(a), Stage.grad_layout(out))
+            else:
+                peer = self._peer(a)
+                self.transport.send(peer, "act", self._tag(a), out)
+                self._grad_layouts[(peer, self._tag(a))] = Stage.grad_layout(out)
+                self._post_grads()
         elif k is Kind.RECV_GRAD:
-            self._received[key] = self.transport.take(
-                a.peer, "grad", self._tag(a), f"gradient of step {a.step} microbatch "
-                f"{a.microbatch}")
+            if self._is_local(a):
+                self._received[ikey] = self._local.pop(("grad", a.stage, a.step, a.microbatch))
+            else:
+                self._received[ikey] = self.transport.take(
+                    self._peer(a), "grad", self._tag(a), f"gradient of step {a.step} "
+                    f"microbatch {a.microbatch}")
         elif k in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
             # a whole backward, or the input-gradient half of a split one (Zero Bubble's I)
-            grads = None if self.stage.is_last else self._received.pop(key)
-            run = self.stage.backward if k is Kind.BACKWARD else self.stage.backward_input
+            grads = None if stage.is_last else self._received.pop(ikey)
+            run = stage.backward if k is Kind.BACKWARD else stage.backward_input
             gin = run(a.step, a.microbatch, grads)
-            if self.stage.stage > 0:
-                self._input_grads[key] = gin
+            if stage.stage > 0:
+                self._input_grads[ikey] = gin
         elif k is Kind.BACKWARD_WEIGHT:
-            self.stage.backward_weight(a.step, a.microbatch)
+            stage.backward_weight(a.step, a.microbatch)
         elif k is Kind.SEND_GRAD:
-            self.transport.send(a.peer, "grad", self._tag(a), self._input_grads.pop(key))
+            gin = self._input_grads.pop(ikey)
+            if self._is_local(a):
+                self._local[("grad", a.peer, a.step, a.microbatch)] = gin
+            else:
+                self.transport.send(self._peer(a), "grad", self._tag(a), gin)
         elif k is Kind.REDUCE:
-            grads = self.stage.take_grads(a.step)
+            grads = {s: st.take_grads(a.step) for s, st in sorted(self.stages.items())}
             self._reductions[a.step] = self._reducer.submit(self._reduce, a.step, grads)
         elif k is Kind.UPDATE:
             fut = self._reductions.pop(a.step, None)
@@ -197,51 +260,58 @@ class StageExecutor:
             except FutureTimeout:
                 raise CommError(f"gradient reduction of step {a.step} did not finish within "
                                 f"{4 * self.timeout_s:.0f} s") from None
-            self.stage.apply_update(a.step, grads, coef)
+            for s, st in sorted(self.stages.items()):
+                st.apply_update(a.step, grads[s], coef)
             result.grad_norms[a.step] = norm
         else:  # pragma: no cover
             raise StageError(f"unknown action {a}")
 
     # ------------------------------------------------------------------ gradient reduction
 
-    def _reduce(self, step: int, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], float,
-                                                                     float]:
+    def _reduce(self, step: int, grads_of: dict[int, list[torch.Tensor]]
+                ) -> tuple[dict[int, list[torch.Tensor]], float, float]:
         """Sum over replicas (and over the holders of tied weights), then the global norm and
-        the clipping factor. Runs on the reducer thread, one step after another, so every rank
-        issues its collectives in the same order."""
-        spec = self.spec
-        names = self.stage.param_names
-        tied = {t.name: t for t in spec.ties}
-        if spec.num_replicas > 1:
-            idx = [i for i, n in enumerate(names) if n not in tied]
-            for dtype in sorted({grads[i].dtype for i in idx}, key=str):
-                part = [i for i in idx if grads[i].dtype == dtype]
-                flat = torch.cat([grads[i].reshape(-1) for i in part])
-                self.transport.allreduce(f"replicas:{spec.stage}", flat)
-                self.activity.progress()
-                off = 0
-                for i in part:
-                    n = grads[i].numel()
-                    grads[i] = flat[off:off + n].view_as(grads[i])
-                    off += n
-        for t in sorted(spec.ties, key=lambda t: t.group):
-            self.transport.allreduce(t.group, grads[names.index(t.name)])
-            self.activity.progress()
-        # Per-tensor norms (one pass over each gradient, no float64 copy; low-precision
-        # gradients in float32), squared and summed in float64: torch's clip_grad_norm_ math.
-        counted = [(n, g) for n, g in zip(names, grads)
-                   if not (n in tied and not tied[n].counts_in_norm)]
+        the clipping factor, for every stage of the rank (``grads_of``: stage -> gradients).
+        Runs on the reducer thread, one step after another, so every rank issues its
+        collectives in the same order."""
         sq = torch.zeros((), dtype=torch.float64)
         bad: list[str] = []
-        if counted:
-            norms = torch.stack([
-                torch.linalg.vector_norm(g.detach(), dtype=torch.float32 if g.dtype in (
-                    torch.float16, torch.bfloat16) else None).double()
-                for _, g in counted]).cpu()
-            bad = [n for (n, _), v in zip(counted, norms.tolist()) if not math.isfinite(v)]
-            sq = norms.pow(2).sum()
+        device: Any = "cpu"
+        for s, grads in grads_of.items():
+            spec, names = self.specs[s], self.stages[s].param_names
+            tied = {t.name: t for t in spec.ties}
+            if spec.num_replicas > 1:
+                idx = [i for i, n in enumerate(names) if n not in tied]
+                for dtype in sorted({grads[i].dtype for i in idx}, key=str):
+                    part = [i for i in idx if grads[i].dtype == dtype]
+                    flat = torch.cat([grads[i].reshape(-1) for i in part])
+                    self.transport.allreduce(f"replicas:{spec.position}", flat)
+                    self.activity.progress()
+                    off = 0
+                    for i in part:
+                        n = grads[i].numel()
+                        grads[i] = flat[off:off + n].view_as(grads[i])
+                        off += n
+            for t in sorted(spec.ties, key=lambda t: t.group):
+                self.transport.allreduce(t.group, grads[names.index(t.name)])
+                self.activity.progress()
+            # Per-tensor norms (one pass over each gradient, no float64 copy; low-precision
+            # gradients in float32), squared and summed in float64: torch's clip_grad_norm_
+            # math.
+            counted = [(n, g) for n, g in zip(names, grads)
+                       if not (n in tied and not tied[n].counts_in_norm)]
+            if counted:
+                norms = torch.stack([
+                    torch.linalg.vector_norm(g.detach(), dtype=torch.float32 if g.dtype in (
+                        torch.float16, torch.bfloat16) else None).double()
+                    for _, g in counted]).cpu()
+                bad += [n for (n, _), v in zip(counted, norms.tolist()) if not math.isfinite(v)]
+                sq = sq + norms.pow(2).sum()
+            if grads:
+                device = grads[0].device
+        spec = self.spec
         if spec.max_grad_norm is not None and spec.num_stages > 1:
-            total = sq.reshape(1).to(grads[0].device if grads else "cpu")
+            total = sq.reshape(1).to(device)
             self.transport.allreduce(f"pipeline:{spec.replica}", total)
             self.activity.progress()
             sq = total.cpu().reshape(())
@@ -251,17 +321,18 @@ class StageExecutor:
             raise _NonFinite(f"non-finite gradient at step {step} ({which}); training stopped "
                              f"before applying it, the newest weights are still version "
                              f"{self.stage.newest_version}")
-        return grads, clip_coefficient(norm, spec.max_grad_norm), norm
+        return grads_of, clip_coefficient(norm, spec.max_grad_norm), norm
 
     # ------------------------------------------------------------------ end of a call
 
     def finish(self) -> None:
         """After a call's last chunk: every send delivered, nothing left half-done."""
         self.transport.wait_sends()
-        if self._reductions or self._outputs or self._received or self._input_grads:
+        if (self._reductions or self._outputs or self._received or self._input_grads
+                or self._local or any(self._grad_order.values()) or self._grad_layouts):
             raise PipelineFailure(f"{self.where}: the call ended with work left over "
                                   f"(reductions {sorted(self._reductions)}, in flight "
-                                  f"{self.stage.in_flight()})")
+                                  f"{[st.in_flight() for _, st in sorted(self.stages.items())]})")
 
     def close(self) -> None:
         self._reducer.shutdown(wait=False, cancel_futures=True)
