@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
@@ -81,6 +82,7 @@ def test_sample_corpus_prepares_and_streams(ray_cluster, tmp_path):
                                             seed=0, num_epochs=1))
     steps = list(stream)
     assert len(steps) == stream.steps_per_epoch == summary.num_examples // 32
-    (input_ids, _, _), (labels, nsp) = steps[0][0]
+    (input_ids, _, _, input_labels), (labels, nsp) = steps[0][0]
+    assert torch.equal(input_labels, labels)     # the masked-only head's input
     assert input_ids.shape == labels.shape == (16, 64) and nsp.shape == (16,)
 

@@ -48,8 +48,6 @@ def test_the_planner_command_runs_outside_the_repo_from_a_plain_install(tmp_path
     """A fresh venv, ``pip install --no-deps .`` (a wheel is built and installed: not
     editable), then ``python -m pd2bw_ray.plan`` from a directory outside the repo, with the
     heavy dependencies (torch, ray) borrowed from the test's own environment."""
-    import site
-
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
@@ -58,7 +56,7 @@ def test_the_planner_command_runs_outside_the_repo_from_a_plain_install(tmp_path
                                    capture_output=True, text=True, check=True).stdout.strip())
     # borrowed packages come after the venv's own (a .pth file appends them to sys.path); the
     # .pth files of the borrowed directory (our editable install) are not processed
-    borrowed = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    borrowed = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     (site_dir / "borrowed.pth").write_text("\n".join(borrowed) + "\n")
     build = tmp_path / "src"
     # the repo, or under bin/test-installed (tests run from a copy without pd2bw_ray/) its source
