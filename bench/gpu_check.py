@@ -113,9 +113,13 @@ class Endpoint:
 
     def wait_for_nothing(self, stage: int) -> dict:
         t0 = time.monotonic()
-        self.t.expect(1 - stage, "act", 1000, None)
+        # what this stage receives from its peer: activations flow 0 -> 1, gradients 1 -> 0
+        kind = "act" if stage == 1 else "grad"      # a gradient's layout is known ahead
+        self.t.expect(1 - stage, kind, 1000,
+                      None if kind == "act" else [(torch.float32, (1,))])
         try:
-            self.t.take(1 - stage, "act", 1000, "activation 1000")
+            what = {"act": "activation", "grad": "gradient"}[kind]
+            self.t.take(1 - stage, kind, 1000, f"{what} 1000")
             return {"raised": False}
         except Exception as e:  # noqa: BLE001 - reported
             return {"raised": True, "message": str(e), "seconds": time.monotonic() - t0}

@@ -27,7 +27,7 @@ def test_the_checks_pass_on_the_cpu(ray_cluster, tmp_path):
     assert stage["ok"], stage
     transport = check_transport(("cpu", "cpu"), timeout_s=3.0)
     assert transport["ok"], transport
-    assert ("stage 0 replica 0: no activation 1000 from stage 1 replica 0 (rank 1) within 3 s "
+    assert ("stage 0 replica 0: no gradient 1000 from stage 1 replica 0 (rank 1) within 3 s "
             "(is that stage hung?)") in transport["hung_peer"]["message"]
     bert = check_bert("cpu", str(ROOT / "configs" / "bert_config_tiny.json"), microbatch=2, m=2,
                       seq=32, num_steps=3, warmup=1)
