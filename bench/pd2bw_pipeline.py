@@ -1,8 +1,10 @@
-"""Our runtime under measurement: ``PipelineTrainer`` with the ``2bw``, ``flush`` or ``gpipe``
-schedule, one Ray actor per stage, one replica.
+"""Our runtime under measurement: ``PipelineTrainer`` with any of its schedules, one Ray actor per
+pipeline rank, one replica. A rank holds one stage, or (``virtual`` = v > 1, the ``interleaved``
+schedule) v virtual stages: stage s on rank s % d.
 
 A warm-up ``train()`` call first; then one timed call. The step end times come from the first
-stage's action log (the end of its last backward of each step), the memory from ``stats()``: its
+rank's action log (the end of its last computation of each step: a backward, or with zb-h1 a
+weight-gradient pass), the memory from ``stats()``: its
 exact activation accounting (``peak_stash``, reset after the warm-up), the weight versions and the
 optimizer state it holds, and its process's peak RSS before and after. The action log also gives
 where each stage's time went (`action_costs`).
@@ -17,22 +19,23 @@ from typing import Any, Sequence
 from bench.measurement import Measurement, StageMemory
 from bench.workloads import Microbatch, Workload
 from pd2bw_ray.executor import Event
-from pd2bw_ray.schedule import Kind
+from pd2bw_ray.schedules.ir import COMPUTE
 
-KIND_NAMES = {"F": "forward", "B": "backward", "SA": "send act", "RA": "recv act",
-              "SG": "send grad", "RG": "recv grad", "R": "reduce", "U": "update"}
+KIND_NAMES = {"F": "forward", "B": "backward", "I": "backward input", "W": "backward weight",
+              "SA": "send act", "RA": "recv act", "SG": "send grad", "RG": "recv grad",
+              "R": "reduce", "U": "update"}
 
 
-def step_ends(events: Sequence[Event], num_microbatches: int, steps: Sequence[int],
-              t0: float) -> list[float]:
-    """End time (relative to ``t0``) of the backward of each step's last microbatch."""
+def step_ends(events: Sequence[Event], steps: Sequence[int], t0: float) -> list[float]:
+    """End time (relative to ``t0``) of each step's last computation on this rank: on the
+    first rank, the backward (B, or with a split backward its W) that completes the step."""
     ends: dict[int, float] = {}
     for e in events:
-        if e.action.kind is Kind.BACKWARD and e.action.microbatch == num_microbatches - 1:
-            ends[e.action.step] = e.end - t0
+        if e.action.kind in COMPUTE:
+            ends[e.action.step] = max(ends.get(e.action.step, e.end - t0), e.end - t0)
     missing = [s for s in steps if s not in ends]
     if missing:
-        raise RuntimeError(f"the first stage's action log has no last backward for steps "
+        raise RuntimeError(f"the first stage's action log has no computation for steps "
                            f"{missing}")
     return [ends[s] for s in steps]
 
@@ -61,14 +64,16 @@ def action_costs(events: Sequence[Event]) -> dict[str, Any]:
 
 def measure(workload: Workload, depth: int, schedule: str, warm: list[list[Microbatch]],
             timed: list[list[Microbatch]], *, threads_per_stage: int, num_cpus: float,
-            device: str = "cpu") -> Measurement:
-    """Train ``warm`` then ``timed`` steps through ``PipelineTrainer`` (Ray must be running)."""
+            device: str = "cpu", virtual: int = 1) -> Measurement:
+    """Train ``warm`` then ``timed`` steps through ``PipelineTrainer`` (Ray must be running),
+    ``depth`` ranks each holding ``virtual`` stages."""
     from pd2bw_ray import ActorResources, PipelineConfig, PipelineTrainer
 
-    chain = workload.chain(depth)
+    chain = workload.chain(depth * virtual)
     m = len(timed[0])
     config = PipelineConfig(list(chain.module_to_stage_map),
-                            {str(s): [s] for s in range(depth)}, source=f"<bench d={depth}>")
+                            {str(s): [s % depth] for s in range(depth * virtual)},
+                            source=f"<bench d={depth} v={virtual}>")
     trainer = PipelineTrainer(
         list(chain.modules), chain.loss_fn, config, workload.optimizer, schedule=schedule,
         num_microbatches=m, tied_parameters=[list(g) for g in chain.tied_parameters] or None,
@@ -97,6 +102,7 @@ def measure(workload: Workload, depth: int, schedule: str, warm: list[list[Micro
         "actions": {s: action_costs(log[(s, 0)]) for s in range(depth)},
         "time_fractions": {s: after[(s, 0)]["time"] for s in range(depth)},
         "first_action_after_s": (min(e[2] for e in first_events) - t0) if first_events else None,
+        "virtual_stages": virtual,
     }
     if device == "cuda":
         extra["cuda_peak_allocated"] = [after[(s, 0)]["memory"].get("cuda_peak_allocated")
@@ -105,5 +111,5 @@ def measure(workload: Workload, depth: int, schedule: str, warm: list[list[Micro
         workload=workload.name, variant=f"pd2bw-{schedule}", framework="pd2bw-ray",
         schedule=schedule, depth=depth, threads_total=threads_per_stage * depth,
         num_microbatches=m, microbatch_size=getattr(workload, "microbatch_size", 1),
-        step_ends=tuple(step_ends(first_events, m, range(first, first + len(timed)), t0)),
+        step_ends=tuple(step_ends(first_events, range(first, first + len(timed)), t0)),
         call_seconds=call, losses=tuple(losses), stages=tuple(stages), extra=extra)

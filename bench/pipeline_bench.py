@@ -1,11 +1,17 @@
-"""Pipeline benchmark: pd2bw-ray's 2bw, flush and gpipe schedules against a single process and
-against ``torch.distributed.pipelining`` (Schedule1F1B, ScheduleGPipe), side by side in one run,
-on the same model, data and microbatch settings. Writes ``<out>/<name>.md``, ``.json`` and
-``.png``.
+"""Pipeline benchmark: pd2bw-ray's schedules against a single process and against
+``torch.distributed.pipelining``, side by side in one run, on the same model, data and
+microbatch settings. Writes ``<out>/<name>.md``, ``.json`` and ``.png``.
 
     .venv/bin/python -m bench.pipeline_bench                 # the full CPU run (minutes)
     .venv/bin/python -m bench.pipeline_bench --quick         # seconds-long smoke run
     .venv/bin/python -m bench.pipeline_bench --device cuda   # GPU variant (one GPU per stage)
+    .venv/bin/python -m bench.pipeline_bench --schedules     # every schedule on BERT, d=2 m=4
+
+The default run measures 2bw, flush and gpipe against torch's Schedule1F1B and ScheduleGPipe.
+``--schedules`` adds interleaved (``--virtual-stages`` v per rank) and zb-h1 beside torch's
+ScheduleInterleaved1F1B (v per rank) and ScheduleInterleavedZeroBubble (one stage per rank: its
+ZB-H1 shape), on the BERT model alone, and reports each synchronous schedule's bubble against
+its formula.
 
 On a shared machine wrap it in the project's lock: ``flock /tmp/pd2bw-ray.lock ...``.
 """
@@ -25,7 +31,12 @@ from bench.measurement import Measurement
 from bench.targets import checks
 from bench.workloads import BERT_CONFIG, ROOT, BertWorkload, MlpWorkload, TinyWorkload
 
-VARIANTS = ("single", "2bw", "flush", "gpipe", "torch-1f1b", "torch-gpipe")
+DEFAULT_VARIANTS = ("single", "2bw", "flush", "gpipe", "torch-1f1b", "torch-gpipe")
+SCHEDULE_VARIANTS = DEFAULT_VARIANTS + ("interleaved", "zb-h1", "torch-interleaved1f1b",
+                                        "torch-interleavedzb")
+VARIANTS = SCHEDULE_VARIANTS
+OURS = ("2bw", "flush", "gpipe", "interleaved", "zb-h1")
+INTERLEAVED = ("interleaved", "Interleaved1F1B")   # the variants run with v stages per rank
 MODELS = ("bert", "mlp", "tiny")
 QUICK_BERT_CONFIG = os.path.join(ROOT, "configs", "bert_config_tiny.json")
 
@@ -67,7 +78,8 @@ class BenchSettings:
 
     device: str = "cpu"
     models: tuple[str, ...] = MODELS
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    virtual_stages: int = 2
     bert_depths: tuple[int, ...] = (2,)
     tiny_depth: int = 4
     num_microbatches: int = 4
@@ -95,6 +107,9 @@ class BenchSettings:
         if min(self.steps, self.tiny_steps, self.mlp_steps) < 4:
             raise ValueError("--steps, --tiny-steps and --mlp-steps must be at least 4 (the "
                              "first and last timed steps are left out of the steady state)")
+        if self.virtual_stages < 2:
+            raise ValueError(f"--virtual-stages must be at least 2 (stages per rank of the "
+                             f"interleaved schedules), got {self.virtual_stages}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
 
@@ -136,14 +151,16 @@ def plan(settings: BenchSettings, bert: BertWorkload, tiny: TinyWorkload,
                       "stage needed", file=sys.stderr)
                 continue
             num_cpus = min(float(threads), cores / d)
-            for schedule in ("2bw", "flush", "gpipe"):
+            for schedule in OURS:
                 if schedule in settings.variants:
+                    v = settings.virtual_stages if schedule in INTERLEAVED else 1
                     jobs.append((f"{workload.name} pd2bw-{schedule} d={d}", _ours(
-                        workload, d, schedule, warm, timed, threads, num_cpus, dev)))
+                        workload, d, schedule, warm, timed, threads, num_cpus, dev, v)))
             for schedule in torch_pipelining.SCHEDULES:
                 if f"torch-{schedule.lower()}" in settings.variants:
+                    v = settings.virtual_stages if schedule in INTERLEAVED else 1
                     jobs.append((f"{workload.name} torch-{schedule} d={d}", _theirs(
-                        workload, d, schedule, warm, timed, threads, dev)))
+                        workload, d, schedule, warm, timed, threads, dev, v)))
     return jobs
 
 
@@ -151,14 +168,15 @@ def _single(workload, depth, warm, timed, threads, device, profile):
     return lambda: single_process.run(workload, depth, warm, timed, threads, device, profile)
 
 
-def _ours(workload, depth, schedule, warm, timed, threads, num_cpus, device):
+def _ours(workload, depth, schedule, warm, timed, threads, num_cpus, device, virtual):
     return lambda: pd2bw_pipeline.measure(workload, depth, schedule, warm, timed,
                                           threads_per_stage=threads, num_cpus=num_cpus,
-                                          device=device)
+                                          device=device, virtual=virtual)
 
 
-def _theirs(workload, depth, schedule, warm, timed, threads, device):
-    return lambda: torch_pipelining.run(workload, depth, schedule, warm, timed, threads, device)
+def _theirs(workload, depth, schedule, warm, timed, threads, device, virtual):
+    return lambda: torch_pipelining.run(workload, depth, schedule, warm, timed, threads, device,
+                                        virtual=virtual)
 
 
 def _gpu_count() -> int:
@@ -187,9 +205,16 @@ def start_ray(settings: BenchSettings) -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.pipeline_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: bert,mlp,tiny")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--models", default=None,
+                   help="comma-separated: bert,mlp,tiny (default: all; with --schedules bert)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: "
+                        f"{','.join(DEFAULT_VARIANTS)}; with --schedules every one)")
+    p.add_argument("--schedules", action="store_true",
+                   help="every schedule of both runtimes on the BERT model (the default "
+                        "--models bert and every variant), with each bubble against its formula")
+    p.add_argument("--virtual-stages", type=int, default=2,
+                   help="stages per rank of the interleaved schedules (default 2)")
     p.add_argument("--bert-depths", default=None,
                    help="comma-separated pipeline depths for BERT (default: 2, and 4 when the "
                         "machine has 4 cores per thread of each stage)")
@@ -250,16 +275,21 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         tiny_steps, tiny_warm = args.tiny_steps, args.tiny_warmup_steps
         mlp = MlpWorkload(seed=args.seed)
         mlp_steps, mlp_warm = args.mlp_steps, args.mlp_warmup_steps
+    models = args.models or ("bert" if args.schedules else ",".join(MODELS))
+    variants = args.variants or ",".join(SCHEDULE_VARIANTS if args.schedules
+                                         else DEFAULT_VARIANTS)
     settings = BenchSettings(
-        device=args.device, models=tuple(x for x in args.models.split(",") if x),
-        variants=tuple(x for x in args.variants.split(",") if x), bert_depths=depths,
+        device=args.device, models=tuple(x for x in models.split(",") if x),
+        variants=tuple(x for x in variants.split(",") if x),
+        virtual_stages=args.virtual_stages, bert_depths=depths,
         tiny_depth=args.tiny_depth, num_microbatches=args.microbatches,
         tiny_microbatches=args.tiny_microbatches, steps=steps, warmup_steps=warm,
         tiny_steps=tiny_steps, tiny_warmup_steps=tiny_warm, mlp_depth=args.mlp_depth,
         mlp_microbatches=args.mlp_microbatches, mlp_steps=mlp_steps, mlp_warmup_steps=mlp_warm,
         threads_per_stage=args.threads_per_stage, repeats=args.repeats, seed=args.seed)
     tiny = TinyWorkload(seed=args.seed)
-    name = args.name or ("quick-" + args.device if args.quick else args.device)
+    name = args.name or (("quick-" if args.quick else "") + ("schedules-" if args.schedules
+                                                              else "") + args.device)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     machine = report.machine_info()
     jobs = plan(settings, bert, tiny, mlp)
@@ -294,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     run = report.BenchRun(**{**run.__dict__, "checks": tuple(checks(
         run.representatives(), bert_depth=depths[0], tiny_depth=settings.tiny_depth,
         num_microbatches=settings.num_microbatches, mlp_depth=settings.mlp_depth,
-        mlp_microbatches=settings.mlp_microbatches))})
+        mlp_microbatches=settings.mlp_microbatches, virtual_stages=settings.virtual_stages))})
     paths = report.write(run, args.out)
     for c in run.checks:
         verdict = {True: "pass", False: "MISS", None: "not measured"}[c.passed]

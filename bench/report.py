@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from bench.measurement import Measurement
-from bench.targets import Check
+from bench.targets import Check, bubble_rows
 from bench.workloads import ROOT
 
 MiB = 1024 * 1024
@@ -203,9 +203,36 @@ def markdown(run: BenchRun) -> str:
                     parts.append(f"between actions {costs['between actions']['share']:.0%}")
                     rows_.append((m.variant, s, "; ".join(parts)))
             out += _table(["variant", "stage", "actions"], rows_)
+    out += _bubble_section(run, reps)
     if run.notes:
         out += ["## How it was measured", ""] + [f"- {n}" for n in run.notes] + [""]
     return "\n".join(out)
+
+
+def _bubble_section(run: BenchRun, reps: Sequence[Measurement]) -> list[str]:
+    """Each synchronous schedule's bubble, measured against 2bw's throughput, beside its formula
+    and its peak activations per rank."""
+    d = (run.settings.get("bert_depths") or [2])[0]
+    m = run.settings.get("num_microbatches", 4)
+    v = run.settings.get("virtual_stages", 2)
+    rows = bubble_rows(reps, d, m, v)
+    if not rows:
+        return []
+    by_variant = {x.variant: x for x in reps if x.workload == "bert" and x.depth == d}
+    table = []
+    for variant, measured, predicted, formula in rows:
+        x = by_variant[variant]
+        table.append((variant, x.extra.get("virtual_stages", 1), f"{measured:.1%}",
+                      "-" if predicted is None else f"{predicted:.1%}", formula,
+                      " / ".join(_mib(s.peak_activations) for s in x.stages),
+                      " / ".join(str(s.peak_in_flight) for s in x.stages)))
+    return [f"## `bert`: the synchronous schedules' bubble (d = {d}, m = {m})", "",
+            "Measured bubble: 1 - the schedule's steady throughput / 2bw's (2bw has no bubble "
+            "in steady state and computes the same microbatches). The formula assumes equal "
+            "stages and free communication. Peak activations and microbatches in flight per "
+            "rank (a rank's virtual stages summed).", ""] + _table(
+        ["variant", "stages per rank", "bubble (measured)", "bubble (formula)", "formula",
+         "peak activations per rank (MiB)", "peak in flight per rank"], table)
 
 
 def chart(run: BenchRun, path: str) -> None:

@@ -1,4 +1,5 @@
-"""Issue 9's targets (and issue 14's for the MLP) as checks over a run's measurements (reported, never tuned towards).
+"""Issue 9's targets (issue 14's for the MLP, issue 17's for the schedules) as checks over a run's
+measurements (reported, never tuned towards).
 
 Each check names the two measurements it compares and says "not measured" when one of them was
 not part of the run. Throughputs are steady-state samples per second (medians over repeats).
@@ -67,9 +68,85 @@ def _ceiling_note(single: Measurement | None, depth: int) -> str:
     return note
 
 
+SYNCHRONOUS = ("pd2bw-flush", "pd2bw-gpipe", "pd2bw-interleaved", "pd2bw-zb-h1", "torch-1F1B",
+               "torch-GPipe", "torch-Interleaved1F1B", "torch-InterleavedZB")
+NEW_SCHEDULES = ("pd2bw-interleaved", "pd2bw-zb-h1", "torch-Interleaved1F1B",
+                 "torch-InterleavedZB")
+
+
+def split_backward_ms(m: Measurement) -> tuple[float, float, float] | None:
+    """Mean forward, input-gradient and weight-gradient milliseconds per microbatch over the
+    stages, from a pd2bw zb-h1 run's action log."""
+    actions = m.extra.get("actions") or {}
+    try:
+        per = [(a["forward"]["mean_ms"], a["backward input"]["mean_ms"],
+                a["backward weight"]["mean_ms"]) for a in actions.values()]
+    except KeyError:
+        return None
+    if not per:
+        return None
+    return tuple(sum(x[i] for x in per) / len(per) for i in range(3))   # type: ignore[return-value]
+
+
+def bubble_formula(variant: str, d: int, m: int, v: int,
+                   fbw: tuple[float, float, float] | None) -> tuple[float | None, str]:
+    """The bubble fraction a synchronous schedule's formula predicts: idle time over the step's
+    span, for equal stages."""
+    if variant in ("pd2bw-flush", "pd2bw-gpipe", "torch-1F1B", "torch-GPipe"):
+        return (d - 1) / (m + d - 1), "(d-1)/(m+d-1)"
+    if variant in ("pd2bw-interleaved", "torch-Interleaved1F1B"):
+        return (d - 1) / (v * m + d - 1), f"(d-1)/(v*m+d-1), v={v}"
+    if variant in ("pd2bw-zb-h1", "torch-InterleavedZB"):
+        if fbw is None:
+            return None, "needs zb-h1's F, B, W times"
+        f, b, w = fbw
+        idle = (d - 1) * max(0.0, f + b - w)
+        return idle / (m * (f + b + w) + idle), (
+            f"(d-1)(F+B-W)/(m(F+B+W)+(d-1)(F+B-W)), F/B/W = {f:.0f}/{b:.0f}/{w:.0f} ms "
+            "(zb-h1's action log)")
+    return None, ""
+
+
+def bubble_rows(results: Sequence[Measurement], d: int, m: int, v: int
+                ) -> list[tuple[str, float, float | None, str]]:
+    """Per synchronous schedule measured: (variant, measured bubble, formula's, formula). The
+    measured bubble is 1 - its throughput / 2bw's (2bw has no bubble in steady state and does
+    the same computation per microbatch)."""
+    two = _find(results, "bert", "pd2bw-2bw", d)
+    if two is None:
+        return []
+    zb = _find(results, "bert", "pd2bw-zb-h1", d)
+    fbw = split_backward_ms(zb) if zb is not None else None
+    rows = []
+    for variant in SYNCHRONOUS:
+        x = _find(results, "bert", variant, d)
+        if x is None:
+            continue
+        predicted, formula = bubble_formula(variant, d, m, v, fbw)
+        rows.append((variant, 1 - x.samples_per_s / two.samples_per_s, predicted, formula))
+    return rows
+
+
+def schedule_checks(results: Sequence[Measurement], d: int, m: int, v: int) -> list[Check]:
+    """Issue 17: the new schedules against torch's, and 2bw against every schedule."""
+    find = {name: _find(results, "bert", name, d) for name in ("pd2bw-2bw", *SYNCHRONOUS)}
+    out = [
+        Check(f"bert d={d} m={m}: zb-h1 / torch ScheduleInterleavedZeroBubble (1 stage per rank)",
+              _ratio(find["pd2bw-zb-h1"], find["torch-InterleavedZB"]), 1.0, ideal=1.0),
+        Check(f"bert d={d} m={m} v={v}: interleaved / torch ScheduleInterleaved1F1B",
+              _ratio(find["pd2bw-interleaved"], find["torch-Interleaved1F1B"]), 1.0, ideal=1.0),
+    ]
+    others = [x for name, x in find.items() if name != "pd2bw-2bw" and x is not None]
+    best = max(others, key=lambda x: x.samples_per_s) if others else None
+    out.append(Check(f"bert d={d} m={m}: 2bw / the fastest other schedule"
+                     + (f" ({best.variant})" if best is not None else ""),
+                     _ratio(find["pd2bw-2bw"], best), 1.0, note="2bw still the fastest"))
+    return out
+
+
 def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int = 4,
-           num_microbatches: int = 4, mlp_depth: int = 2, mlp_microbatches: int = 8
-           ) -> list[Check]:
+           num_microbatches: int = 4, mlp_depth: int = 2, mlp_microbatches: int = 8,
+           virtual_stages: int = 2) -> list[Check]:
     """``results``: one representative measurement per (workload, variant, depth)."""
     d, m = bert_depth, num_microbatches
     single = _find(results, "bert", "single-1t")
@@ -123,6 +200,8 @@ def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int 
               ideal=1 / (1 - mlp_bubble),
               note=f"1F1B's bubble is (d-1)/(m+d-1) = {mlp_bubble:.0%}"),
     ]
+    if any(_find(results, "bert", name, d) is not None for name in NEW_SCHEDULES):
+        out += schedule_checks(results, d, m, virtual_stages)
     # Context, not targets: the same schedule in both runtimes.
     out += [
         Check(f"bert d={d}: flush / torch Schedule1F1B (same schedule, both flush)",

@@ -1,5 +1,11 @@
 """The same stages under PyTorch's own pipelining: ``torch.distributed.pipelining.PipelineStage``
-with ``Schedule1F1B`` or ``ScheduleGPipe``, one spawned process per stage, GLOO (NCCL on GPUs).
+with ``Schedule1F1B``, ``ScheduleGPipe``, ``ScheduleInterleaved1F1B`` or
+``ScheduleInterleavedZeroBubble``, one spawned process per pipeline rank, GLOO (NCCL on GPUs).
+
+A rank holds one stage, or (``virtual`` = v > 1, the interleaved schedules) v stages: stage s on
+rank s % d, as torch's looped placement and pd2bw-ray's virtual stages both place them.
+``InterleavedZB`` with one stage per rank is torch's zero-bubble schedule (ZB1P) in the shape of
+ZB-H1; with v stages per rank, its interleaved form.
 
 Each rank builds the workload's stage chain (same seed, same initial weights) and keeps its own
 stage, wrapped in a `MeteredStage` so its activations are counted as pd2bw-ray counts them. A
@@ -29,7 +35,8 @@ from bench.measurement import Measurement, StageMemory, peak_rss_bytes
 from bench.single_process import as_args
 from bench.workloads import Microbatch, Workload
 
-SCHEDULES = ("1F1B", "GPipe")
+SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZB")
+MULTI_STAGE = ("Interleaved1F1B", "InterleavedZB")   # PipelineScheduleMulti: a list of stages
 
 
 class PackedTargetLoss(nn.Module):
@@ -85,19 +92,27 @@ def _batch(microbatches: list[Microbatch]) -> tuple[tuple[torch.Tensor, ...], to
     return args, torch.cat([p for p, _ in packed]), packed[0][1]
 
 
-def _rank_main(rank: int, depth: int, port: int, workload: Workload, schedule: str,
-               warm: list[list[Microbatch]], timed: list[list[Microbatch]], threads: int,
-               device: str, results: Any) -> None:
+def _rank_main(rank: int, depth: int, virtual: int, port: int, workload: Workload,
+               schedule: str, warm: list[list[Microbatch]], timed: list[list[Microbatch]],
+               threads: int, device: str, results: Any) -> None:
     try:
-        results.put((rank, _train_rank(rank, depth, port, workload, schedule, warm, timed,
-                                       threads, device)))
+        results.put((rank, _train_rank(rank, depth, virtual, port, workload, schedule, warm,
+                                       timed, threads, device)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         results.put((rank, traceback.format_exc()))
 
 
-def _train_rank(rank, depth, port, workload, schedule, warm, timed, threads, device):
+def _schedule_class(schedule: str):
+    from torch.distributed import pipelining as pp
+
+    return {"1F1B": pp.Schedule1F1B, "GPipe": pp.ScheduleGPipe,
+            "Interleaved1F1B": pp.ScheduleInterleaved1F1B,
+            "InterleavedZB": pp.ScheduleInterleavedZeroBubble}[schedule]
+
+
+def _train_rank(rank, depth, virtual, port, workload, schedule, warm, timed, threads, device):
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage
 
     torch.set_num_threads(threads)
     if device == "cuda":
@@ -109,25 +124,37 @@ def _train_rank(rank, depth, port, workload, schedule, warm, timed, threads, dev
                             init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=depth, timeout=datetime.timedelta(seconds=300))
     try:
-        chain = workload.chain(depth)
-        meter = ActivationMeter()
-        module = MeteredStage(chain.modules[rank], meter,
-                              holds_outputs=rank < depth - 1).to(dev)
-        meter.exclude(module)   # after .to(): on a GPU the weights moved
+        num_stages = depth * virtual
+        chain = workload.chain(num_stages)
+        local = [rank + k * depth for k in range(virtual)]     # stage s on rank s % depth
+        meters = {s: ActivationMeter() for s in local}
+        modules = {}
+        for s in local:
+            modules[s] = MeteredStage(chain.modules[s], meters[s],
+                                      holds_outputs=s < num_stages - 1).to(dev)
+            meters[s].exclude(modules[s])   # after .to(): on a GPU the weights moved
         _, _, shapes = _batch(timed[0])
         loss_fn = PackedTargetLoss(chain.loss_fn, shapes)
-        stage = PipelineStage(module, rank, depth, dev)
-        cls = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[schedule]
+        stages = [PipelineStage(modules[s], s, num_stages, dev) for s in local]
         m = len(timed[0])
-        sched = cls(stage, n_microbatches=m, loss_fn=loss_fn)   # every rank: backward on all
-        optimizer = workload.optimizer(list(module.named_parameters()))
+        cls = _schedule_class(schedule)
+        # every rank runs backward on all its microbatches
+        sched = (cls(stages, n_microbatches=m, loss_fn=loss_fn) if schedule in MULTI_STAGE
+                 else cls(stages[0], n_microbatches=m, loss_fn=loss_fn))
+        params = [(f"{s}.{n}", p) for s in local for n, p in modules[s].named_parameters()]
+        optimizer = workload.optimizer(params)
         ties = []   # (group, this rank's copy) for weights tied across stages
         for group in chain.tied_parameters:
-            holders = sorted({int(name.split(".", 1)[0]) for name in group})
+            stage_of = {name: int(name.split(".", 1)[0]) for name in group}
+            holders = sorted({s % depth for s in stage_of.values()})
             pg = dist.new_group(holders)       # every rank creates every group
-            mine = [n for n in group if int(n.split(".", 1)[0]) == rank]
+            mine = [n for n in group if stage_of[n] % depth == rank]
+            if len(mine) > 1:
+                raise ValueError(f"tied weights {mine} would sit on one rank twice; this "
+                                 "benchmark all-reduces one copy per rank")
             if len(holders) > 1 and mine:
                 ties.append((pg, chain.parameter(mine[0])))
+        first, last = 0 in local, num_stages - 1 in local
         rss0 = peak_rss_bytes()
         ends: list[float] = []
         losses: list[float] = []
@@ -137,16 +164,15 @@ def _train_rank(rank, depth, port, workload, schedule, warm, timed, threads, dev
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                     torch.cuda.reset_peak_memory_stats(dev)
-                meter.reset_peak()
+                for meter in meters.values():
+                    meter.reset_peak()
                 t0 = time.perf_counter()
             args, target, _ = _batch(microbatches)
             step_losses: list[torch.Tensor] = []
-            if rank == 0:
-                sched.step(*(a.to(dev) for a in args), return_outputs=False)
-            elif rank == depth - 1:
-                sched.step(target=target.to(dev), losses=step_losses, return_outputs=False)
-            else:
-                sched.step(return_outputs=False)
+            kwargs: dict[str, Any] = {"return_outputs": False}
+            if last:
+                kwargs.update(target=target.to(dev), losses=step_losses)
+            sched.step(*((a.to(dev) for a in args) if first else ()), **kwargs)
             for pg, p in ties:
                 dist.all_reduce(p.grad, group=pg)
             optimizer.step()
@@ -157,12 +183,15 @@ def _train_rank(rank, depth, port, workload, schedule, warm, timed, threads, dev
                 elif dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 ends.append(time.perf_counter() - t0)
-        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        weights = sum(p.numel() * p.element_size() for _, p in params)
         optim = sum(v.numel() * v.element_size() for st in optimizer.state.values()
                     for v in st.values() if isinstance(v, torch.Tensor))
+        # like pd2bw-ray's virtual stages: each stage's accounting, summed over the rank's stages
         out = {"ends": ends, "losses": losses,
-               "memory": StageMemory(rank, weights, optim, meter.peak_bytes,
-                                     meter.peak_in_flight, peak_rss_bytes() - rss0)}
+               "memory": StageMemory(rank, weights, optim,
+                                     sum(mt.peak_bytes for mt in meters.values()),
+                                     sum(mt.peak_in_flight for mt in meters.values()),
+                                     peak_rss_bytes() - rss0)}
         if dev.type == "cuda":
             out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(dev)
         return out
@@ -178,11 +207,13 @@ def _free_port() -> int:
 
 def run(workload: Workload, depth: int, schedule: str, warm: list[list[Microbatch]],
         timed: list[list[Microbatch]], threads_per_stage: int, device: str = "cpu",
-        timeout_s: float = 600.0) -> Measurement:
-    """Train ``warm`` then ``timed`` steps with ``depth`` spawned ranks; the first rank's step
-    end times give the throughput."""
+        timeout_s: float = 600.0, virtual: int = 1) -> Measurement:
+    """Train ``warm`` then ``timed`` steps with ``depth`` spawned ranks, each holding
+    ``virtual`` stages; the first rank's step end times give the throughput."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if virtual != 1 and schedule not in MULTI_STAGE:
+        raise ValueError(f"torch's {schedule} runs one stage per rank, not {virtual}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -190,7 +221,7 @@ def run(workload: Workload, depth: int, schedule: str, warm: list[list[Microbatc
     os.environ["OMP_NUM_THREADS"] = str(threads_per_stage)   # inherited by the spawned ranks
     try:
         procs = [ctx.Process(target=_rank_main, name=f"torch-pp-rank{r}",
-                             args=(r, depth, port, workload, schedule, warm, timed,
+                             args=(r, depth, virtual, port, workload, schedule, warm, timed,
                                    threads_per_stage, device, results))
                  for r in range(depth)]
         for p in procs:
@@ -240,4 +271,4 @@ def run(workload: Workload, depth: int, schedule: str, warm: list[list[Microbatc
         num_microbatches=len(timed[0]), microbatch_size=getattr(workload, "microbatch_size", 1),
         step_ends=tuple(got[0]["ends"]), call_seconds=got[0]["ends"][-1],
         losses=tuple(last["losses"]), stages=tuple(got[r]["memory"] for r in range(depth)),
-        extra=extra)
+        extra={**extra, "virtual_stages": virtual})

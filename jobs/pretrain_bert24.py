@@ -63,6 +63,9 @@ def init_ray() -> None:
              runtime_env=None if submitted else {"env_vars": {"PYTHONPATH": str(ROOT)}})
 
 
+SCHEDULE_CHOICES = ("2bw", "flush", "gpipe", "zb-h1", "interleaved")
+
+
 class JobError(ValueError):
     """A flag or input is wrong; the message names it and says what to do."""
 
@@ -88,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "bert_config_bert-large-uncased.json"))
     g.add_argument("--init_checkpoint", default=None,
                    help="start from a transformers BertForPreTraining/BertModel directory")
-    g.add_argument("--schedule", choices=("2bw", "flush", "gpipe"), default="2bw")
+    g.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="2bw",
+                   help="2bw: PipeDream-2BW (the default). Vanilla (synchronous) semantics: "
+                        "flush (1F1B), gpipe, zb-h1 (Zero Bubble H1: the backward split into "
+                        "input and weight gradients) and interleaved (Megatron's interleaved "
+                        "1F1B over --virtual_stages stages per rank)")
+    g.add_argument("--virtual_stages", type=int, default=None, metavar="V",
+                   help="stages per rank without --config_path: the D modules go one per stage "
+                        "and stage s onto rank s mod D/V, so each of the D/V ranks holds V "
+                        "stages (default 2 with --schedule interleaved, else 1). With "
+                        "--config_path, its stage_to_rank_map says it")
     g.add_argument("--recompute", action="store_true",
                    help="recompute activations in backward on every stage")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU), fp32 weights")
@@ -218,6 +230,16 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("train_batch_size", "max_seq_length", "num_replicas"):
         if getattr(args, flag) < 1:
             raise JobError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.virtual_stages is not None:
+        if args.virtual_stages < 1:
+            raise JobError(f"--virtual_stages must be >= 1, got {args.virtual_stages}")
+        if args.config_path:
+            raise JobError("--virtual_stages places stages on ranks without a conf; with "
+                           f"--config_path {args.config_path}, give stage s and s + p the same "
+                           "ranks in its stage_to_rank_map instead (p ranks per pipeline)")
+        if args.virtual_stages > 1 and args.schedule != "interleaved":
+            raise JobError(f"--virtual_stages {args.virtual_stages}: only --schedule interleaved "
+                           f"runs several stages per rank; --schedule {args.schedule} runs one")
     if args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps < 1:
         raise JobError("--gradient_accumulation_steps must be >= 1")
     if args.microbatches_per_update is not None:
@@ -282,7 +304,12 @@ def load_model_and_layout(args: argparse.Namespace, log=print) -> Layout:
     elif args.config_path:
         conf = PipelineConfig.from_json(args.config_path)
     else:
-        conf = pipeline_conf(partition.num_stages, args.num_replicas)
+        v = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
+        if partition.num_stages % v:
+            raise JobError(f"--module {spec}: {partition.num_stages} modules do not split over "
+                           f"{v} stages per rank (--virtual_stages {v}); use a depth that is a "
+                           f"multiple of {v}")
+        conf = pipeline_conf(partition.num_stages, args.num_replicas, stages_per_rank=v)
     model = build_bert_pipeline(model_cfg, partition, seed=args.seed)
     model.check_pipeline_config(conf)
     d = conf.num_stages
@@ -475,13 +502,15 @@ def check_shard_length(shards: Sequence[str], max_seq_length: int) -> None:
 
 def iteration_times(log: dict, num_stages: int) -> list[float]:
     """Seconds between the completions of consecutive steps, a step being complete when its
-    last backward finished on every stage (from the executed action log)."""
-    from pd2bw_ray.schedule import Kind
+    last backward (with zb-h1: weight-gradient pass) finished on every stage (from the executed
+    action log)."""
+    from pd2bw_ray.schedules.ir import COMPUTE, Kind
 
+    backwards = COMPUTE - {Kind.FORWARD}
     done: dict[int, float] = {}
     for events in log.values():
         for e in events:
-            if e.action.kind is Kind.BACKWARD:
+            if e.action.kind in backwards:
                 done[e.action.step] = max(done.get(e.action.step, 0.0), e.end)
     ends = [done[k] for k in sorted(done)]
     return [b - a for a, b in zip(ends, ends[1:])]
@@ -581,7 +610,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         comm=CommConfig(timeout_s=args.comm_timeout), seed=args.seed)
     log(f"[pretrain] BERT {model_cfg.num_hidden_layers} layers x {model_cfg.hidden_size} as "
         f"{partition.to_spec()} ({partition.num_stages} modules: "
-        f"{list(partition.layers_per_stage)} layers), on {d} stages x {w} replicas "
+        f"{list(partition.layers_per_stage)} layers), on {d} stages x {w} replicas"
+        + (f" ({conf.ranks_per_pipeline} ranks per pipeline, {conf.stages_per_rank} virtual "
+           "stages each)" if conf.stages_per_rank > 1 else "") + " "
         f"(module_to_stage_map {list(conf.module_to_stage_map)}), schedule {args.schedule}, "
         f"m={m} microbatches per update per replica ({layout.m_source}), microbatch {b}, "
         f"{samples_per_step} sequences per update, {spe} updates per epoch")

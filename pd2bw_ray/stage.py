@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .split_backward import SplitBackward, plan_split
+
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
 
 
@@ -54,9 +56,8 @@ class _Stashed:
     outputs: list[torch.Tensor | None] = field(default_factory=list)
     loss: torch.Tensor | None = None       # last stage: the scaled loss
     nbytes: int = 0                        # activation memory it holds (unique storages)
-    # A split backward: what ``backward_input`` started from, kept for ``backward_weight``
-    roots: list[torch.Tensor] | None = None
-    root_grads: list[torch.Tensor] | None = None
+    # A split backward: what ``backward_input`` found and recorded, kept for ``backward_weight``
+    split: SplitBackward | None = None
 
 
 def _nbytes(tensors) -> int:
@@ -82,7 +83,11 @@ class _SavedBytes:
     def hooks(self):
         def pack(t):
             self.add(t)
-            return t
+            # Detached: a saved output kept with its grad_fn would make a cycle (node -> saved
+            # tensor -> node) that only a backward without retain_graph breaks; a split
+            # backward retains the graph in every pass, and the cycle would outlive the
+            # microbatch. The data and version counter are the same tensor's.
+            return t.detach()
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     @property
@@ -399,15 +404,13 @@ class Stage:
         if entry is None:
             raise StageError(f"stage {self.stage}: input-gradient backward of step {step} "
                              f"microbatch {microbatch} without its forward")
-        if entry.roots is not None:
+        if entry.split is not None:
             raise StageError(f"stage {self.stage}: a second input-gradient backward of step "
                              f"{step} microbatch {microbatch}")
         roots, grads = self._roots(entry, output_grads)
-        entry.roots, entry.root_grads = roots, grads
-        got: Sequence[torch.Tensor | None] = [None] * len(entry.inputs)
-        if roots and entry.inputs:
-            got = torch.autograd.grad(roots, entry.inputs, grads, retain_graph=True,
-                                      allow_unused=True)
+        weights = [self._slot_of(entry.version)[n] for n in self.param_names]
+        entry.split = plan_split(roots, grads, entry.inputs, weights)
+        got = entry.split.input_pass(entry.inputs)
         return [g if g is not None else torch.zeros_like(x) for g, x in zip(got, entry.inputs)]
 
     def backward_weight(self, step: int, microbatch: int) -> None:
@@ -416,22 +419,19 @@ class Stage:
         the microbatch's graph and activations are freed."""
         key = (step, microbatch)
         entry = self._stash.get(key)
-        if entry is None or entry.roots is None:
+        if entry is None or entry.split is None:
             raise StageError(f"stage {self.stage}: weight-gradient backward of step {step} "
                              f"microbatch {microbatch} before its input-gradient backward")
         del self._stash[key]
         slot = self._slot_of(entry.version)
         buf = self._grads.setdefault(step, {})
-        weights = [slot[n] for n in self.param_names]
-        for n in self.param_names:
-            slot[n].grad = buf.get(n)
-        try:
-            if entry.roots and weights:
-                torch.autograd.backward(entry.roots, entry.root_grads, inputs=weights)
-        finally:
-            for n in self.param_names:
-                buf[n] = slot[n].grad
-                slot[n].grad = None
+        got = entry.split.weight_pass([slot[n] for n in self.param_names])
+        for n, g in zip(self.param_names, got):
+            if g is None:
+                continue
+            cur = buf.get(n)
+            # the first one is copied: autograd may hand out a tensor it also gave elsewhere
+            buf[n] = g.detach().clone() if cur is None else cur.add_(g)
 
     def in_flight(self) -> list[tuple[int, int]]:
         return sorted(self._stash)

@@ -171,20 +171,30 @@ def spec_depth(spec: str) -> int | None:
     return int(match["value"])
 
 
-def pipeline_conf(num_stages: int, num_replicas: int = 1) -> PipelineConfig:
+def pipeline_conf(num_stages: int, num_replicas: int = 1,
+                  stages_per_rank: int = 1) -> PipelineConfig:
     """The ``conf.json`` for ``num_stages`` BERT stages x ``num_replicas`` replicas.
 
     Modules are one per stage plus the trailing loss; ranks are stage-major, so stage ``s`` holds
-    ranks ``s*W .. s*W + W-1`` and replica ``r`` of every stage forms pipeline ``r``.
+    ranks ``s*W .. s*W + W-1`` and replica ``r`` of every stage forms pipeline ``r``. With
+    ``stages_per_rank`` v > 1 (virtual stages, for the interleaved schedule) a pipeline has
+    p = num_stages / v ranks and stage ``s`` takes the ranks of stage ``s mod p``.
     """
-    for name, value in (("num_stages", num_stages), ("num_replicas", num_replicas)):
+    for name, value in (("num_stages", num_stages), ("num_replicas", num_replicas),
+                        ("stages_per_rank", stages_per_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PartitionError(f"{name} must be a positive integer, got {value!r}")
+    if num_stages % stages_per_rank:
+        raise PartitionError(f"{num_stages} stages do not split into {stages_per_rank} stages "
+                             "per rank")
+    p = num_stages // stages_per_rank
     module_to_stage_map = list(range(num_stages)) + [num_stages - 1]
-    stage_to_rank_map = {str(s): list(range(s * num_replicas, (s + 1) * num_replicas))
+    stage_to_rank_map = {str(s): list(range((s % p) * num_replicas,
+                                            (s % p + 1) * num_replicas))
                          for s in range(num_stages)}
+    virtual = f", {stages_per_rank} per rank" if stages_per_rank > 1 else ""
     return PipelineConfig(module_to_stage_map, stage_to_rank_map,
-                          source=f"<pipeline_conf({num_stages}, {num_replicas})>")
+                          source=f"<pipeline_conf({num_stages}, {num_replicas}{virtual})>")
 
 
 def format_conf_json(config: PipelineConfig) -> str:

@@ -283,3 +283,41 @@ def test_two_node_cluster_spreads_replicas_over_nodes(shards, tmp_path):
     assert set(node) == {"0.0", "0.1", "1.0", "1.1"}
     assert node["0.0"] != node["0.1"] and node["1.0"] != node["1.1"]      # replicas spread
     assert node["0.0"] == node["1.0"] and node["0.1"] == node["1.1"]      # pipelines local
+
+
+def test_zero_bubble_and_interleaved_jobs_train_as_flush_does(shards, tmp_path):
+    """--schedule zb-h1 and --schedule interleaved (4 modules as 2 virtual stages on each of 2
+    ranks) have flush's vanilla semantics: without dropout, the job's per-step losses (every one
+    after the first computed on updated weights) equal a flush run's on 4 ranks."""
+    cfg = json.loads((ROOT / "configs" / "bert_config_demo.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (tmp_path / "bert.json").write_text(json.dumps(cfg))
+    common = ["jobs/pretrain_bert24.py", *TINY, "--module", "models.bert4.depth=4",
+              "--bert_config_path", tmp_path / "bert.json", "--train_path", shards,
+              "--num_minibatches", 4, "--train_batch_size", 4, "--num_cpus_per_stage", 0.25,
+              "--seed", 3]
+    losses, logs = {}, {}
+    for schedule in ("flush", "zb-h1", "interleaved"):
+        out = tmp_path / f"{schedule}.json"
+        logs[schedule] = run(common + ["--schedule", schedule, "--output_json", out]).stdout
+        record = json.loads(out.read_text())
+        assert record["schedule"] == schedule and record["num_microbatches"] == 4
+        losses[schedule] = record["losses"]
+        # every rank of the pipeline reports (interleaved: 2 ranks holding 2 stages each)
+        assert len(record["stages"]) == (2 if schedule == "interleaved" else 4)
+        assert len(record["iteration_times_s"]) == 3
+    assert "2 ranks per pipeline, 2 virtual stages each" in logs["interleaved"]
+    for schedule in ("zb-h1", "interleaved"):
+        assert losses[schedule] == pytest.approx(losses["flush"], rel=1e-5), schedule
+    assert losses["flush"][0] != pytest.approx(losses["flush"][-1], rel=1e-3)   # it trained
+
+
+def test_schedule_flags_refuse_what_cannot_run(shards, tmp_path):
+    common = ["jobs/pretrain_bert24.py", *TINY, "--train_path", shards, "--num_minibatches", 1]
+    bad = run(common + ["--virtual_stages", "2"], ok=False)
+    assert bad.returncode != 0 and "only --schedule interleaved" in bad.stderr + bad.stdout
+    odd = run(common + ["--module", "models.bert4.depth=3", "--schedule", "interleaved"],
+              ok=False)
+    assert odd.returncode != 0 and "3 modules do not split over 2 stages per rank" in (
+        odd.stderr + odd.stdout)
+    assert "Traceback" not in odd.stderr + bad.stderr
