@@ -71,6 +71,18 @@ class SplitBackward:
             for h in handles:
                 h.remove()
 
+    def recorded_bytes(self) -> int:
+        """Bytes of the distinct storages of the boundary gradients ``input_pass`` recorded:
+        what the split holds between ``I`` and ``W`` on top of the graph's activations."""
+        storages = {}
+        for group in self.groups:
+            for grads in group.grads.values():
+                for g in grads:
+                    if isinstance(g, torch.Tensor):
+                        st = g.untyped_storage()
+                        storages[st.data_ptr()] = st.nbytes()
+        return sum(storages.values())
+
     def weight_pass(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """``W``: the gradient of each weight (None where it has none), from the recorded
         boundary gradients (and the roots, for weights without a boundary)."""

@@ -411,6 +411,10 @@ class Stage:
         weights = [self._slot_of(entry.version)[n] for n in self.param_names]
         entry.split = plan_split(roots, grads, entry.inputs, weights)
         got = entry.split.input_pass(entry.inputs)
+        # until W, the microbatch also holds the gradients recorded for it
+        entry.nbytes += entry.split.recorded_bytes()
+        self.peak_stash_bytes = max(self.peak_stash_bytes,
+                                    sum(e.nbytes for e in self._stash.values()))
         return [g if g is not None else torch.zeros_like(x) for g, x in zip(got, entry.inputs)]
 
     def backward_weight(self, step: int, microbatch: int) -> None:
