@@ -42,7 +42,12 @@ def split(fn, inputs, weights, root_grads=None):
     plan = plan_split(roots, root_grads, floating, list(weights))
     dx = plan.input_pass(floating)
     calls_after_input = Counted.calls
+    held = plan.recorded_bytes()     # what the stage's stash accounting adds until W
+    recorded = sum(g.untyped_storage().nbytes() for group in plan.groups
+                   for grads in group.grads.values() for g in grads if g is not None)
+    assert held <= recorded and (held > 0) == (recorded > 0)
     dw = plan.weight_pass(list(weights))
+    assert plan.recorded_bytes() == 0
     return dx, dw, plan, Counted.calls - calls_after_input
 
 
