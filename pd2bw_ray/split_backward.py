@@ -164,7 +164,7 @@ def plan_split(roots: Sequence[torch.Tensor], root_grads: Sequence[torch.Tensor]
         acc = grad_node(w) if w.requires_grad else None
         if acc is None or acc not in seen:
             continue    # not used by this microbatch: no gradient
-        boundaries: set[Node] = set()
+        boundaries: dict[Node, None] = {}     # in the order found: a deterministic sum
         reaches_root = acc in root_nodes
         visited = {acc}
         queue = deque([acc])
@@ -175,7 +175,7 @@ def plan_split(roots: Sequence[torch.Tensor], root_grads: Sequence[torch.Tensor]
                     continue
                 visited.add(up)
                 if up in input_side:
-                    boundaries.add(up)
+                    boundaries[up] = None
                 else:
                     reaches_root |= up in root_nodes
                     queue.append(up)
@@ -184,11 +184,10 @@ def plan_split(roots: Sequence[torch.Tensor], root_grads: Sequence[torch.Tensor]
             from_roots.append(k)
             continue
         groups = {id(by_boundary[b]): by_boundary[b] for b in boundaries if b in by_boundary}
-        merged = WeightGroup([k], sorted(boundaries, key=id))
+        merged = WeightGroup([k], list(boundaries))
         for g in groups.values():
             merged.weights += g.weights
-            merged.boundaries = list({id(b): b for b in merged.boundaries + g.boundaries}
-                                     .values())
+            merged.boundaries += [b for b in g.boundaries if b not in boundaries]
         for b in merged.boundaries:
             by_boundary[b] = merged
     groups = list({id(g): g for g in by_boundary.values()}.values())
