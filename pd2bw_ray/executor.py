@@ -174,6 +174,14 @@ class StageExecutor:
     def _is_local(self, a: Action) -> bool:
         return a.stage is not None and a.peer in self.stages
 
+    def _receive(self, a: Action, kind: str, what: str) -> Any:
+        """A RECV_ACT's activation or a RECV_GRAD's gradient (``kind`` "act" or "grad"): handed
+        over in place by a stage of this rank, or taken from the peer rank's link."""
+        if self._is_local(a):
+            return self._local.pop((kind, a.stage, a.step, a.microbatch))
+        return self.transport.take(self._peer(a), kind, self._tag(a),
+                                   f"{what} of step {a.step} microbatch {a.microbatch}")
+
     def _post_grads(self) -> None:
         """Post the gradient receives whose turn it is and whose layout is known."""
         for peer, order in self._grad_order.items():
@@ -187,12 +195,7 @@ class StageExecutor:
         stage = self.stage if a.stage is None else self.stages[a.stage]
         k = a.kind
         if k is Kind.RECV_ACT:
-            if self._is_local(a):
-                self._received[ikey] = self._local.pop(("act", a.stage, a.step, a.microbatch))
-            else:
-                self._received[ikey] = self.transport.take(
-                    self._peer(a), "act", self._tag(a), f"activation of step {a.step} "
-                    f"microbatch {a.microbatch}")
+            self._received[ikey] = self._receive(a, "act", "activation")
         elif k is Kind.FORWARD:
             if stage.stage == 0:
                 if key not in inputs:
@@ -227,12 +230,7 @@ class StageExecutor:
                 self._grad_layouts[(peer, self._tag(a))] = Stage.grad_layout(out)
                 self._post_grads()
         elif k is Kind.RECV_GRAD:
-            if self._is_local(a):
-                self._received[ikey] = self._local.pop(("grad", a.stage, a.step, a.microbatch))
-            else:
-                self._received[ikey] = self.transport.take(
-                    self._peer(a), "grad", self._tag(a), f"gradient of step {a.step} "
-                    f"microbatch {a.microbatch}")
+            self._received[ikey] = self._receive(a, "grad", "gradient")
         elif k in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
             # a whole backward, or the input-gradient half of a split one (Zero Bubble's I)
             grads = None if stage.is_last else self._received.pop(ikey)
