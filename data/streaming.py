@@ -265,7 +265,9 @@ class PretrainingStream:
                                        "seed": self.config.seed, "epoch": epoch,
                                        "shuffle": self.config.shuffle},
                             num_cpus=self.config.read_num_cpus,
-                            compute=ray.data.TaskPoolStrategy(size=self.config.read_parallelism))
+                            # no more read tasks than shards: Ray Data warns of idle slots
+                            compute=ray.data.TaskPoolStrategy(
+                                size=max(1, min(self.config.read_parallelism, len(shards)))))
         ctx = ds.context
         ctx.execution_options.preserve_order = True  # deterministic order and split
         ctx.enable_progress_bars = False

@@ -633,7 +633,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                                                       **kwargs)
             log(f"[pretrain] resumed from {ck.path} at step {trainer.step} "
                 f"(epoch {position.epoch}, step {position.step} of it)")
-        log(f"[pretrain] {d * w} stage actors up in {time.time() - t0:.1f} s")
+        log(f"[pretrain] {conf.world_size} stage actors up in {time.time() - t0:.1f} s")
         return trainer, stream
 
     if args.num_minibatches is not None:
