@@ -230,6 +230,7 @@ class PretrainingStream:
         self._taken: dict[int, int] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._queues: list[queue.Queue] = []
         self._started = False
 
     @property
@@ -348,19 +349,41 @@ class PretrainingStream:
                               f"stream's last step (position {self._position})")
         return item
 
+    def start(self) -> "PretrainingStream":
+        """Start reading now, before the first step is asked for: the reader threads fill their
+        queues (``prefetch_steps`` steps each) while, say, the stage actors come up, so the
+        first step does not wait for Ray Data's start-up after theirs. Iterating takes what was
+        read. Called by ``__iter__`` when not called before; ``close()`` stops the readers
+        either way. Returns the stream."""
+        if self._threads or self._stop.is_set():
+            return self
+        cfg = self.config
+        self._queues = [queue.Queue(maxsize=cfg.prefetch_steps * cfg.microbatches)
+                        for _ in range(cfg.num_replicas)]
+        self._threads = [threading.Thread(target=self._read_replica, args=(r, q),
+                                          name=f"pretraining-stream-replica-{r}", daemon=True)
+                         for r, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    @property
+    def read_ahead(self) -> int:
+        """Microbatches read and not yet handed out, the fewest over the replicas (0 before
+        ``start``)."""
+        return min((q.qsize() for q in self._queues), default=0)
+
     def __iter__(self) -> Iterator[Step]:
         if self._started:
             raise StreamError("a PretrainingStream is iterated once; make a new one with "
                               "position=stream.position to go on")
+        if self._stop.is_set():
+            raise StreamError("this PretrainingStream was closed; make a new one with "
+                              "position=stream.position to go on")
         self._started = True
         cfg = self.config
         w, m = cfg.num_replicas, cfg.microbatches
-        queues = [queue.Queue(maxsize=cfg.prefetch_steps * m) for _ in range(w)]
-        self._threads = [threading.Thread(target=self._read_replica, args=(r, queues[r]),
-                                          name=f"pretraining-stream-replica-{r}", daemon=True)
-                         for r in range(w)]
-        for t in self._threads:
-            t.start()
+        queues = self.start()._queues
         try:
             while cfg.num_epochs is None or self._position.epoch < cfg.num_epochs:
                 step: list = [None] * (m * w)

@@ -621,16 +621,21 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     def start(ck):
         """The data stream and the trainer, from checkpoint ``ck`` (None: from the start)."""
         t0 = time.time()
-        if ck is None:
-            stream = PretrainingStream(stream_cfg)
-            trainer = PipelineTrainer(list(model.modules), model.loss_fn, conf, optimizer,
-                                      initial_state_dict=init, **kwargs)
-        else:
-            position = DataPosition.from_dict(ck.extra["data_position"])
-            stream = PretrainingStream(stream_cfg, position)
-            trainer = PipelineTrainer.from_checkpoint(str(ck.path), list(model.modules),
-                                                      model.loss_fn, optimizer, config=conf,
-                                                      **kwargs)
+        position = None if ck is None else DataPosition.from_dict(ck.extra["data_position"])
+        # reading starts now, so Ray Data's start-up overlaps the stage actors'
+        stream = PretrainingStream(stream_cfg, position).start()
+        try:
+            if ck is None:
+                trainer = PipelineTrainer(list(model.modules), model.loss_fn, conf, optimizer,
+                                          initial_state_dict=init, **kwargs)
+            else:
+                trainer = PipelineTrainer.from_checkpoint(str(ck.path), list(model.modules),
+                                                          model.loss_fn, optimizer, config=conf,
+                                                          **kwargs)
+        except BaseException:
+            stream.close()
+            raise
+        if position is not None:
             log(f"[pretrain] resumed from {ck.path} at step {trainer.step} "
                 f"(epoch {position.epoch}, step {position.step} of it)")
         log(f"[pretrain] {conf.world_size} stage actors up in {time.time() - t0:.1f} s")

@@ -8,6 +8,7 @@ the ids written, not against the stream's own bookkeeping.
 from __future__ import annotations
 
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +109,31 @@ def test_streaming_split_is_deterministic_and_on_memory_gives_the_same_steps(ray
     assert [replica_ids(s, 2) for s in other_seed] != [replica_ids(s, 2) for s in first]
     unshuffled = list(PretrainingStream(StreamConfig(**base, shuffle=False)))
     assert sorted(i for s in unshuffled for p in replica_ids(s, 2) for i in p) == list(range(100))
+
+
+def test_a_stream_started_early_reads_ahead_and_gives_the_same_steps(ray_cluster, tmp_path):
+    """``start()``, which the job calls before its stage actors come up: the readers fill their
+    queues before anything is asked for, the steps are those of a stream started by iterating,
+    and a started stream closed unread stops its readers and cannot be iterated."""
+    write_shards(tmp_path / "shards", [20, 20, 20, 20, 20])
+    cfg = StreamConfig(shards=(str(tmp_path / "shards"),), train_batch_size=5, microbatches=2,
+                       num_replicas=2, seed=4, num_epochs=2, prefetch_steps=2)
+    early = PretrainingStream(cfg)
+    assert early.read_ahead == 0
+    assert early.start() is early and early.start() is early      # a second start is a no-op
+    deadline = time.time() + 120
+    while early.read_ahead < cfg.prefetch_steps * cfg.microbatches:
+        assert time.time() < deadline, "the started stream read nothing ahead"
+        time.sleep(0.05)
+    assert_same_steps(list(early), list(PretrainingStream(cfg)))
+    unread = PretrainingStream(cfg).start()
+    unread.close()
+    deadline = time.time() + 60      # a reader still waiting for its first batch ends with it
+    while any(t.is_alive() for t in unread._threads):
+        assert time.time() < deadline, "a closed stream's readers are still running"
+        time.sleep(0.05)
+    with pytest.raises(StreamError, match="was closed"):
+        next(iter(unread))
 
 
 @pytest.mark.parametrize("partitioned", [True, False])
