@@ -150,3 +150,33 @@ def list_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
         else:
             raise ShardError(f"{path}: no such shard file or directory")
     return files
+
+
+def labelled_fraction(path: str | os.PathLike, *, max_rows: int = 4096) -> float | None:
+    """The share of positions (padding included) that carry a masked-LM label, over the first
+    ``max_rows`` rows of the shard at ``path``: what the masked-only MLM head's cost scales
+    with (`stages.bert_cost`). None for a shard without rows.
+
+    Preparation masks about 15% of each sequence's tokens with a cap per sequence, so the share
+    falls with short sequences and padding (a corpus of short documents) and with the cap.
+    """
+    path = os.fspath(path)
+    try:
+        reader = pq.ParquetFile(path)
+        if "masked_lm_labels" not in reader.schema_arrow.names:
+            raise ShardError(f"{path}: shard lacks column masked_lm_labels; make shards with "
+                             "python -m data.prepare_pretraining")
+        rows, read = [], 0
+        for i in range(reader.num_row_groups):
+            if read >= max_rows:
+                break
+            column = reader.read_row_group(i, columns=["masked_lm_labels"]).column(0)
+            rows.append(column)
+            read += len(column)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: cannot read masked_lm_labels: {e}") from None
+    if not read:
+        return None
+    labels = _matrix(pa.chunked_array([c for col in rows for c in col.chunks]),
+                     "masked_lm_labels")[:max_rows]
+    return float((labels != IGNORE_INDEX).mean())

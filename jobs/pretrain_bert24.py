@@ -365,7 +365,24 @@ def partition_cost_model(args: argparse.Namespace, model_cfg, spec: str, log):
     device = "cuda" if args.num_gpus_per_stage > 0 else "cpu"
     return CostModel.analytic(model_cfg, seq_length=args.max_seq_length, microbatch_size=b,
                               num_microbatches=m, device=device,
-                              torch_threads=args.torch_threads)
+                              torch_threads=args.torch_threads,
+                              mlm_fraction=data_labelled_fraction(args))
+
+
+def data_labelled_fraction(args: argparse.Namespace) -> float:
+    """The share of positions labelled in the training data, which the masked-only head's cost
+    follows: measured on the first shard when --train_path holds prepared shards, else 15%
+    (what preparation masks in full-length sequences)."""
+    from data.shards import check_shard, labelled_fraction, list_shards
+    from stages.bert_cost import MLM_FRACTION
+
+    path = Path(args.train_path) if args.train_path else None
+    if path is None or not (path.is_dir() and any(path.rglob("*.parquet"))):
+        return MLM_FRACTION
+    first = list_shards([str(path)])[0]
+    check_shard(first)
+    fraction = labelled_fraction(first)
+    return MLM_FRACTION if fraction is None else fraction
 
 
 def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
