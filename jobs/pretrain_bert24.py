@@ -272,11 +272,15 @@ class Layout:
     recompute: bool
 
 
-def load_model_and_layout(args: argparse.Namespace, log=print) -> Layout:
-    """Everything built from the flags, checked before any actor starts."""
+def load_model_and_layout(args: argparse.Namespace, log=print, *,
+                          resume_module: str | None = None) -> Layout:
+    """Everything built from the flags, checked before any actor starts. ``resume_module``: the
+    partition a checkpoint being resumed records; a ``depth=D`` of as many modules takes it, as
+    the cost model (the data, a profile, a newer model) may now choose another split."""
     from data.vocab import read_vocab
     from pd2bw_ray import PipelineConfig
     from stages import BertModelConfig, build_bert_pipeline, parse_module_spec, pipeline_conf
+    from stages.partition import PartitionError, spec_depth
 
     model_cfg = BertModelConfig.from_json(args.bert_config_path)
     if args.max_seq_length > model_cfg.max_position_embeddings:
@@ -298,6 +302,16 @@ def load_model_and_layout(args: argparse.Namespace, log=print) -> Layout:
     costs = partition_cost_model(args, model_cfg, spec, log)
     partition = parse_module_spec(spec, model_cfg.num_hidden_layers,
                                   config_source=args.bert_config_path, cost_model=costs)
+    if resume_module and plan is None and spec_depth(spec) is not None:
+        try:
+            recorded = parse_module_spec(resume_module, model_cfg.num_hidden_layers)
+        except PartitionError:
+            recorded = None       # another model: check_resume_matches says so
+        if (recorded is not None and recorded.num_stages == partition.num_stages
+                and recorded != partition):
+            log(f"[pretrain] --module {spec}: resuming the checkpoint's split "
+                f"{recorded.to_spec()} (the cost model would now choose {partition.to_spec()})")
+            partition = recorded
     log(f"[pretrain] {partition.to_spec()}: {costs.stage_costs(partition).describe()}")
     if plan is not None:
         conf = plan.pipeline_config
@@ -580,14 +594,15 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if ignored:
         log(f"[pretrain] note: {' '.join(ignored)} ignored: Ray places the stage actors "
             "(one per rank of the conf) on the cluster's nodes")
-    layout = load_model_and_layout(args, log)
-    model_cfg, partition, model, conf = (layout.model_cfg, layout.partition, layout.model,
-                                         layout.conf)
-    d, w, b, m = conf.num_stages, conf.num_replicas, layout.microbatch_size, layout.m
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     resume = latest_checkpoint(ckpt_dir, report=log) if (args.resume and ckpt_dir) else None
     if args.resume and resume is None:
         log(f"[pretrain] --resume: no complete checkpoint in {ckpt_dir}; starting from scratch")
+    layout = load_model_and_layout(
+        args, log, resume_module=resume.extra.get("module") if resume is not None else None)
+    model_cfg, partition, model, conf = (layout.model_cfg, layout.partition, layout.model,
+                                         layout.conf)
+    d, w, b, m = conf.num_stages, conf.num_replicas, layout.microbatch_size, layout.m
     if resume is not None:
         check_resume_matches(resume, args, partition, model_cfg, conf)
 

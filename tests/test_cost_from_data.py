@@ -74,7 +74,7 @@ def test_fewer_labels_make_the_heads_cheaper():
     assert sparse.stage_cost(0, 2, 3) == pytest.approx(full.stage_cost(0, 2, 3), rel=1e-12)
 
 
-def layout_of(train_path: Path, tmp_path: Path, depth: int) -> tuple:
+def layout_of(train_path: Path, tmp_path: Path, depth: int, **kwargs) -> tuple:
     from jobs.pretrain_bert24 import build_parser, load_model_and_layout
 
     config = tmp_path / "bert_config.json"
@@ -84,7 +84,7 @@ def layout_of(train_path: Path, tmp_path: Path, depth: int) -> tuple:
             str(train_path), "--do_train", "--do_lower_case", "--max_seq_length", str(SEQ),
             "--train_batch_size", "8", "--gradient_accumulation_steps", "2"]
     lines: list[str] = []
-    layout = load_model_and_layout(build_parser().parse_args(argv), log=lines.append)
+    layout = load_model_and_layout(build_parser().parse_args(argv), log=lines.append, **kwargs)
     return layout.partition, lines
 
 
@@ -108,3 +108,21 @@ def test_raw_text_input_is_balanced_at_the_default_share(tmp_path):
     partition, lines = layout_of(ROOT / "data/sample/corpus.txt", tmp_path, 3)
     (predicted,) = [line for line in lines if "predicted compute per microbatch" in line]
     assert f"{MLM_FRACTION:.1%} of positions labelled" in predicted
+
+
+def test_a_resumed_depth_run_keeps_the_split_its_checkpoint_records(tmp_path):
+    """A run started when the cost model chose 2,3,1 (e.g. before it read the data's labels)
+    resumes with that split; the module count must still match for it to apply."""
+    write_shard(tmp_path / "shards" / "part-00000.parquet", [12] * 256)
+    fresh, _ = layout_of(tmp_path / "shards", tmp_path, 3)
+    assert fresh.to_spec() == "models.bert6.layers=2,2,2"
+    resumed, lines = layout_of(tmp_path / "shards", tmp_path, 3,
+                               resume_module="models.bert6.layers=2,3,1")
+    assert resumed.to_spec() == "models.bert6.layers=2,3,1"
+    assert any("resuming the checkpoint's split models.bert6.layers=2,3,1" in line
+               for line in lines)
+    assert any(line.startswith("[pretrain] models.bert6.layers=2,3,1: predicted")
+               for line in lines)
+    # another depth is not this run's split (check_resume_matches refuses the checkpoint)
+    other, _ = layout_of(tmp_path / "shards", tmp_path, 3, resume_module="models.bert6.layers=3,3")
+    assert other == fresh
