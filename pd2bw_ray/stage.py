@@ -30,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from .split_backward import SplitBackward, plan_split
 
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+#: param-group settings of torch's optimizers that choose a kernel, not the math
+KERNEL_CHOICES = ("fused", "foreach")
 
 
 class StageError(RuntimeError):
@@ -598,7 +600,17 @@ class Stage:
         if self.optimizer is not None and state.get("optimizer") is not None:
             # load_state_dict keeps tensors that already have the right dtype and device: copy
             # them, so that no two stage replicas ever share optimizer state.
-            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+            saved = copy.deepcopy(state["optimizer"])
+            # Which kernel runs the update (torch's fused or for-each ones: the same math) is
+            # this optimizer's, as built here, not the recorded one: a checkpoint of a per-tensor
+            # AdamW resumes on the fused kernel. Set before loading, so that torch places the
+            # step counts where that kernel wants them.
+            for recorded, built in zip(saved.get("param_groups", ()),
+                                       self.optimizer.param_groups):
+                for key in KERNEL_CHOICES:
+                    if key in built:
+                        recorded[key] = built[key]
+            self.optimizer.load_state_dict(saved)
 
     def set_lr(self, lr: float) -> None:
         """Set every group's learning rate (the base of ``lr_schedule``, if there is one)."""
