@@ -166,17 +166,11 @@ def labelled_fraction(path: str | os.PathLike, *, max_rows: int = 4096) -> float
         if "masked_lm_labels" not in reader.schema_arrow.names:
             raise ShardError(f"{path}: shard lacks column masked_lm_labels; make shards with "
                              "python -m data.prepare_pretraining")
-        rows, read = [], 0
-        for i in range(reader.num_row_groups):
-            if read >= max_rows:
-                break
-            column = reader.read_row_group(i, columns=["masked_lm_labels"]).column(0)
-            rows.append(column)
-            read += len(column)
+        first = next(reader.iter_batches(batch_size=max_rows, columns=["masked_lm_labels"]),
+                     None)
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{path}: cannot read masked_lm_labels: {e}") from None
-    if not read:
+    if first is None or not first.num_rows:
         return None
-    labels = _matrix(pa.chunked_array([c for col in rows for c in col.chunks]),
-                     "masked_lm_labels")[:max_rows]
+    labels = _matrix(first.column(0), "masked_lm_labels")
     return float((labels != IGNORE_INDEX).mean())

@@ -387,16 +387,19 @@ def data_labelled_fraction(args: argparse.Namespace) -> float:
     """The share of positions labelled in the training data, which the masked-only head's cost
     follows: measured on the first shard when --train_path holds prepared shards, else 15%
     (what preparation masks in full-length sequences)."""
-    from data.shards import check_shard, labelled_fraction, list_shards
+    from data.shards import labelled_fraction, list_shards
     from stages.bert_cost import MLM_FRACTION
 
-    path = Path(args.train_path) if args.train_path else None
-    if path is None or not (path.is_dir() and any(path.rglob("*.parquet"))):
+    if not holds_shards(args.train_path):
         return MLM_FRACTION
-    first = list_shards([str(path)])[0]
-    check_shard(first)
-    fraction = labelled_fraction(first)
+    fraction = labelled_fraction(list_shards([args.train_path])[0])
     return MLM_FRACTION if fraction is None else fraction
+
+
+def holds_shards(train_path: str | None) -> bool:
+    """Whether --train_path is a directory of prepared Parquet shards (else raw text)."""
+    path = Path(train_path) if train_path else None
+    return path is not None and path.is_dir() and any(path.rglob("*.parquet"))
 
 
 def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
@@ -475,10 +478,9 @@ def prepared_shards(args: argparse.Namespace) -> list[str] | None:
     needs and for --max_seq_length. None if it is raw text (to be prepared)."""
     from data.shards import check_shard, list_shards
 
-    path = Path(args.train_path)
-    if not (path.is_dir() and any(path.rglob("*.parquet"))):
+    if not holds_shards(args.train_path):
         return None
-    shards = list_shards([str(path)])
+    shards = list_shards([args.train_path])
     for shard in shards:
         check_shard(shard)
     check_shard_length(shards, args.max_seq_length)
@@ -493,7 +495,7 @@ def shards_for(args: argparse.Namespace, log) -> list[str]:
     from data.shards import list_shards
 
     path = Path(args.train_path)
-    if path.is_dir() and any(path.rglob("*.parquet")):
+    if holds_shards(args.train_path):
         return list_shards([str(path)])
     out = Path(args.checkpoint_dir or ROOT / "runs") / "shards"
     settings = {"inputs": [str(path.resolve())], "vocab": str(Path(args.vocab_path).resolve()),

@@ -113,7 +113,8 @@ def _weights(rates: DeviceRates, params: int) -> WeightPart:
 
 
 def analytic_microbatch(c: BertModelConfig, *, seq_length: int, microbatch_size: int,
-                        rates: DeviceRates, mlm_fraction: float = MLM_FRACTION) -> MicrobatchProfile:
+                        rates: DeviceRates,
+                        mlm_fraction: float = MLM_FRACTION) -> MicrobatchProfile:
     """The planner's per-microbatch costs of ``microbatch_size`` sequences of ``seq_length``."""
     b, s, h, i, v = microbatch_size, seq_length, c.hidden_size, c.intermediate_size, c.vocab_size
     a = c.num_attention_heads
