@@ -161,11 +161,9 @@ def labelled_fraction(path: str | os.PathLike, *, max_rows: int = 4096) -> float
     falls with short sequences and padding (a corpus of short documents) and with the cap.
     """
     path = os.fspath(path)
+    check_shard(path)           # names the file and every column it lacks
     try:
         reader = pq.ParquetFile(path)
-        if "masked_lm_labels" not in reader.schema_arrow.names:
-            raise ShardError(f"{path}: shard lacks column masked_lm_labels; make shards with "
-                             "python -m data.prepare_pretraining")
         first = next(reader.iter_batches(batch_size=max_rows, columns=["masked_lm_labels"]),
                      None)
     except (OSError, pa.ArrowException) as e:
