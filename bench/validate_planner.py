@@ -184,6 +184,10 @@ def run_configuration(candidate, model_config, warmup_steps: int, steps: int) ->
 # the report
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
 def _pct(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured
 
@@ -200,7 +204,8 @@ def write_report(rows, profile, network_measured, cluster, chosen, candidates, m
         f"{meta['cpus']} CPUs, torch {torch.__version__}). Model: a small BERT "
         f"(`planner_small_bert_config.json`: {SMALL_BERT['num_hidden_layers']} layers, hidden "
         f"{SMALL_BERT['hidden_size']}, vocab {SMALL_BERT['vocab_size']}), "
-        f"{SEQ_LENGTH} tokens, Adam, schedule 2bw, global batch {GLOBAL_BATCH} sequences, "
+        f"{SEQ_LENGTH} tokens, fused AdamW (`BertAdamW`, as the jobs train), schedule 2bw, "
+        f"global batch {GLOBAL_BATCH} sequences, "
         f"{NUM_WORKERS} workers (Ray actors with 1 CPU and 1 torch thread each).",
         "",
         "Predictions come from the planner's profile of this machine "
@@ -235,6 +240,9 @@ def write_report(rows, profile, network_measured, cluster, chosen, candidates, m
     mean_t = sum(r["throughput_error"] for r in rows) / len(rows)
     best = max(rows, key=lambda r: r["measured"]["throughput"])
     mine = next(r for r in rows if r["candidate"] is chosen)
+    piped = [r["throughput_error"] for r in rows if r["candidate"].depth > 1] or [0.0]
+    recomputing = [r["throughput_error"] for r in rows if r["candidate"].recompute]
+    storing = [r["throughput_error"] for r in rows if not r["candidate"].recompute]
     lines += [
         "",
         f"Largest throughput error {worst_t:.1%} (tolerance {THROUGHPUT_TOLERANCE:.0%}), mean "
@@ -249,11 +257,12 @@ def write_report(rows, profile, network_measured, cluster, chosen, candidates, m
         "stages of one and two layers, microbatches in flight per stage under 1F1B, two weight "
         "versions, optimizer state. Timing is where the model can be wrong: stages before the "
         "last are profiled in 1F1B order (a backward after the next forward) and with both "
-        "cores busy; without either, predictions were 10-25% optimistic on this machine. The "
-        "remaining optimism of the 2-stage configurations (8-18%) is what the model leaves "
-        "out: the runtime's per-action work beyond `Stage` (packing and posting messages, the "
-        "reducer thread) on the same core, and waiting on message latency where 1F1B leaves "
-        "no slack.",
+        "cores busy; without either, predictions were 10-25% optimistic on this machine. "
+        f"Here the 2-stage configurations' errors range from {min(piped):+.1%} to "
+        f"{max(piped):+.1%}; the model leaves out the runtime's per-action work beyond `Stage` "
+        "(packing and posting messages, the reducer thread) on the same core, and waiting on "
+        "message latency where 1F1B leaves no slack. With recomputation the mean error is "
+        f"{_mean(recomputing):+.1%}, without it {_mean(storing):+.1%}.",
         "",
         "Not in the comparison: the model's gradient term (`2 P_s`: step t's gradients wait for "
         "their all-reduce and update while step t+1's accumulate) and its recomputation working "

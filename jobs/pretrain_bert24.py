@@ -447,7 +447,8 @@ def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
             model_cfg, module_spec=args.module, num_workers=workers, memory_per_worker=memory,
             global_batch_size=batch, max_seq_length=args.max_seq_length,
             workers_per_node=per_node, microbatch_sizes=sizes, profile_path=args.profile_path,
-            device="cuda" if on_gpu else "cpu", torch_threads=args.torch_threads))
+            device="cuda" if on_gpu else "cpu", torch_threads=args.torch_threads,
+            optimizer_factory=job_optimizer(args)))
     except ray.exceptions.RayTaskError as e:
         cause = e.as_instanceof_cause()
         if isinstance(cause, PlanError):
@@ -461,6 +462,14 @@ def plan_for_cluster(args: argparse.Namespace, model_cfg, log):
         f"{c.throughput:.1f} samples/s predicted, {format_bytes(c.memory)} on the most loaded "
         f"worker; the same run as flags: {plan.job_flags('plan/conf.json')}")
     return plan
+
+
+def job_optimizer(args: argparse.Namespace):
+    """The optimizer the stages train with, which ``depth=auto`` also profiles: an update's
+    cost is part of each stage's."""
+    from stages.bert_optim import BertAdamW
+
+    return BertAdamW(lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
 def _gpu_memory() -> int:
@@ -589,7 +598,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     from pd2bw_ray import ActorResources, CommConfig, PipelineTrainer, StageOptions
     from pd2bw_ray.checkpoint import latest_checkpoint
     from stages import load_hf_checkpoint
-    from stages.bert_optim import BertAdamW, WarmupLinearDecay
+    from stages.bert_optim import WarmupLinearDecay
 
     check_args(args)
     ignored = [f"--{f}" for f in LAUNCHER_FLAGS if getattr(args, f) is not None]
@@ -631,7 +640,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     stream_cfg = replace(stream_cfg, num_epochs=-(-total // spe))
     lr_schedule = (WarmupLinearDecay(total, args.warmup_proportion)
                    if args.num_train_epochs is not None else None)
-    optimizer = BertAdamW(lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = job_optimizer(args)
     kwargs = dict(
         schedule=args.schedule, num_microbatches=m,
         tied_parameters=[list(g) for g in model.tied_parameters],

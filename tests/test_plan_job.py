@@ -17,9 +17,10 @@ from job_helpers import ROOT, TINY, env, run
 def test_depth_auto_plans_for_the_cluster_it_runs_on_and_trains(shards, tmp_path):
     flags = list(TINY)
     flags[flags.index("--module") + 1] = "models.bert4.depth=auto"
-    out = tmp_path / "throughput.json"
+    out, profile = tmp_path / "throughput.json", tmp_path / "profile.json"
     p = run(["jobs/pretrain_bert24.py", *flags, "--train_path", shards, "--num_minibatches", 3,
-             "--train_batch_size", 4, "--microbatch_sizes", "2,4", "--output_json", out])
+             "--train_batch_size", 4, "--microbatch_sizes", "2,4", "--output_json", out,
+             "--profile_path", profile])
     # the workers of the job's own (local) Ray: its CPUs at --num_cpus_per_stage 0.5 each
     planning = re.search(r"\[pretrain\] planning models.bert4.depth=auto for (\d+) workers "
                          r"\((\d+) per node, CPUs\), .* each, global batch (\d+)", p.stdout)
@@ -42,6 +43,9 @@ def test_depth_auto_plans_for_the_cluster_it_runs_on_and_trains(shards, tmp_path
     assert result["num_microbatches"] == m and result["samples_per_iteration"] == batch
     assert result["iterations"] == 3
     assert all(math.isfinite(x) and x > 0 for x in result["losses"])
+    # it profiled the optimizer the stages train with (fused AdamW), whose update costs about a
+    # fifth of torch's per-tensor Adam on CPU
+    assert json.loads(profile.read_text())["description"]["optimizer"] == "BertAdamW"
 
 
 def test_the_planner_command_runs_outside_the_repo_from_a_plain_install(tmp_path):
