@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,14 @@ TINY = ["--module", "models.bert4.depth=2", "--bert_config_path",
         str(ROOT / "configs" / "bert_config_demo.json"), "--vocab_path",
         str(ROOT / "data" / "sample" / "vocab.txt"), "--do_train", "--do_lower_case",
         "--max_seq_length", "32", "--num_cpus_per_stage", "0.5", "--log_every", "5"]
+
+
+# Lines in a job's output that read as a crash or as something the user must fix.
+BAD = re.compile(r"Traceback|Fatal Python error|SIGABRT|Aborted|[Dd]eprecat|FutureWarning")
+
+
+def bad_lines(*outputs: str) -> list[str]:
+    return [line for out in outputs for line in out.splitlines() if BAD.search(line)]
 
 
 def env(**extra):

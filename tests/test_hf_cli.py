@@ -22,7 +22,7 @@ from transformers import (AutoTokenizer, BertForPreTraining, BertForSequenceClas
                           BertModel)
 
 from data.vocab import load_tokenizer
-from job_helpers import ROOT, TINY, run
+from job_helpers import ROOT, TINY, bad_lines, run
 from test_clean_logs import bad_lines
 from stages.bert import build_bert_pipeline
 from stages.bert_config import BertModelConfig
@@ -191,11 +191,13 @@ def test_fine_tuning_from_a_pretraining_checkpoint_saves_a_classifier_that_reloa
 
     ck, _, _ = pretrained
     data = glue_dir(tmp_path)
-    run(["jobs/finetune_glue.py", "--data_dir", data, "--task_name", "SST-2", "--do_train",
-         "--do_eval", "-m", "models.bert4.depth=2", "--num_stages", 2, "--checkpoint_path", ck,
-         "--epoch", 0, "--max_seq_length", 32, "--train_batch_size", 16, "--num_train_epochs", 1,
-         "--learning_rate", "1e-3", "--num_cpus_per_replica", 0.5, "--output_dir",
-         tmp_path / "out"])
+    p = run(["jobs/finetune_glue.py", "--data_dir", data, "--task_name", "SST-2", "--do_train",
+             "--do_eval", "-m", "models.bert4.depth=2", "--num_stages", 2, "--checkpoint_path",
+             ck, "--epoch", 0, "--max_seq_length", 32, "--train_batch_size", 16,
+             "--num_train_epochs", 1, "--learning_rate", "1e-3", "--num_cpus_per_replica", 0.5,
+             "--output_dir", tmp_path / "out"])
+    assert "dev: accuracy" in p.stdout
+    assert bad_lines(p.stdout, p.stderr) == [], p.stderr[-4000:]
     scores = json.loads((tmp_path / "out" / "scores_sst-2.json").read_text())["scores"]
     check_saved_classifier(tmp_path / "out", data, scores)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from job_helpers import PY, ROOT, TINY, env, final_weights, processes_mentioning, run
+from job_helpers import (PY, ROOT, TINY, bad_lines, env, final_weights, processes_mentioning,
+                         run)
 
 
 def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_path):
@@ -45,15 +46,22 @@ def test_throughput_mode_writes_iteration_times_and_stage_fractions(shards, tmp_
 
 
 def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(shards, tmp_path):
+    """Two epochs on 2 stages x 2 replicas, uninterrupted against stopped after the first and
+    resumed: the same weights and losses, and no line of any run reads as a crash."""
     common = ["jobs/pretrain_bert24.py", *TINY, "--train_path", shards, "--num_train_epochs", 2,
-              "--train_batch_size", 16, "--gradient_accumulation_steps", 1,
+              "--train_batch_size", 8, "--num_replicas", 2, "--gradient_accumulation_steps", 1,
               "--learning_rate", "5e-4", "--seed", 5]
-    run(common + ["--checkpoint_dir", tmp_path / "a"])
+    whole = run(common + ["--checkpoint_dir", tmp_path / "a"])
+    assert "end of epoch 1" in whole.stdout
+    # the split coordinators' datasets: one per epoch trained, none read past the last step
+    assert whole.stderr.count("execution finished") <= 2, whole.stderr[-4000:]
     stopped = run(common + ["--checkpoint_dir", tmp_path / "b", "--stop_after_epoch", 0])
     assert "stopping after epoch 0" in stopped.stdout
     assert len(list((tmp_path / "b").glob("step-*"))) == 1
     resumed = run(common + ["--checkpoint_dir", tmp_path / "b", "--resume"])
     assert "resumed from" in resumed.stdout
+    for p in (whole, stopped, resumed):
+        assert bad_lines(p.stdout, p.stderr) == [], p.stderr[-4000:]
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
