@@ -23,7 +23,6 @@ from transformers import (AutoTokenizer, BertForPreTraining, BertForSequenceClas
 
 from data.vocab import load_tokenizer
 from job_helpers import ROOT, TINY, bad_lines, run
-from test_clean_logs import bad_lines
 from stages.bert import build_bert_pipeline
 from stages.bert_config import BertModelConfig
 from stages.partition import parse_module_spec
