@@ -237,7 +237,7 @@ def write_report(rows, profile, network_measured, cluster, chosen, candidates, m
             lines.append(f"{head}| {s} | {_mib(pred)} | {_mib(got)} | {_pct(pred, got):+.1%} |")
     worst_t = max(abs(r["throughput_error"]) for r in rows)
     worst_m = max(abs(e) for r in rows for e in r["memory_errors"])
-    mean_t = sum(r["throughput_error"] for r in rows) / len(rows)
+    mean_t = _mean([r["throughput_error"] for r in rows])
     best = max(rows, key=lambda r: r["measured"]["throughput"])
     mine = next(r for r in rows if r["candidate"] is chosen)
     piped = [r["throughput_error"] for r in rows if r["candidate"].depth > 1] or [0.0]
