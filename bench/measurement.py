@@ -10,8 +10,9 @@ schedule itself costs per step (a flushing schedule's bubble is in every step).
 from __future__ import annotations
 
 import resource
+import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 
 def peak_rss_bytes() -> int:
@@ -25,6 +26,19 @@ def steady_period(step_ends: Sequence[float]) -> float:
         raise ValueError(f"need at least 4 timed steps to leave out the first and the last, got "
                          f"{len(step_ends)}")
     return (step_ends[-2] - step_ends[0]) / (len(step_ends) - 2)
+
+
+def compute_medians(records: Iterable[tuple[int, str, float]]) -> dict[str, dict[str, Any]]:
+    """``(stage, kind, seconds)`` of every computation of the timed steps -> per (virtual) stage
+    and kind (``F`` forward, ``B`` whole backward, ``I`` / ``W`` a split backward's input and
+    weight passes): the count and the median milliseconds. Both runtimes report this, so their
+    computations can be compared one by one in the same run."""
+    got: dict[str, dict[str, list[float]]] = {}
+    for stage, kind, seconds in records:
+        got.setdefault(str(stage), {}).setdefault(kind, []).append(seconds)
+    return {s: {k: {"count": len(v), "median_ms": 1e3 * statistics.median(v)}
+                for k, v in sorted(kinds.items())}
+            for s, kinds in sorted(got.items(), key=lambda kv: int(kv[0]))}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from typing import Any, Sequence
 
-from bench.measurement import Measurement, StageMemory
+from bench.measurement import Measurement, StageMemory, compute_medians
 from bench.workloads import Microbatch, Workload
 from pd2bw_ray.executor import Event
 from pd2bw_ray.schedules.ir import COMPUTE
@@ -100,6 +100,10 @@ def measure(workload: Workload, depth: int, schedule: str, warm: list[list[Micro
     first_events = log[(0, 0)]
     extra: dict[str, Any] = {
         "actions": {s: action_costs(log[(s, 0)]) for s in range(depth)},
+        "compute_ms": compute_medians(
+            (s if e.action.stage is None else e.action.stage, e.action.kind.value,
+             e.end - e.start)
+            for s in range(depth) for e in log[(s, 0)] if e.action.kind in COMPUTE),
         "time_fractions": {s: after[(s, 0)]["time"] for s in range(depth)},
         "first_action_after_s": (min(e[2] for e in first_events) - t0) if first_events else None,
         "virtual_stages": virtual,

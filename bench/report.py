@@ -203,10 +203,56 @@ def markdown(run: BenchRun) -> str:
                     parts.append(f"between actions {costs['between actions']['share']:.0%}")
                     rows_.append((m.variant, s, "; ".join(parts)))
             out += _table(["variant", "stage", "actions"], rows_)
+        out += _compute_beside_torch(workload, rows)
     out += _bubble_section(run, reps)
     if run.notes:
         out += ["## How it was measured", ""] + [f"- {n}" for n in run.notes] + [""]
     return "\n".join(out)
+
+
+# torch's schedule -> pd2bw-ray's schedule of the same order (2bw where that one was not run:
+# every schedule computes the same forward and backward passes)
+SAME_SCHEDULE = {"1F1B": "flush", "GPipe": "gpipe", "Interleaved1F1B": "interleaved",
+                 "InterleavedZB": "zb-h1"}
+
+
+def _compute_beside_torch(workload: str, rows: Sequence[Measurement]) -> list[str]:
+    """Each computation's median time in pd2bw-ray's actors beside the same computation in
+    torch's processes, measured in the same run: whether a throughput gap is in the computing
+    itself or between the computations."""
+    ours = {m.schedule: m for m in rows
+            if m.framework == "pd2bw-ray" and m.extra.get("compute_ms")}
+    pairs = []
+    for m in rows:
+        if m.framework.startswith("torch") and m.extra.get("compute_ms"):
+            mine = ours.get(SAME_SCHEDULE.get(m.schedule, "")) or ours.get("2bw")
+            if mine is not None:
+                pairs.append((mine, m))
+    if not pairs:
+        return []
+    out = [f"## `{workload}`: each computation, pd2bw-ray beside torch (same run)", "",
+           "Median milliseconds of each (virtual) stage's forward (F), whole backward (B) or "
+           "split backward (I: input gradient, W: weight gradient) over the timed steps: "
+           "pd2bw-ray's from its action log, torch's timed around `forward_one_chunk`, "
+           "`backward_one_chunk` and `backward_weight_one_chunk`. Torch computes the loss outside "
+           "its forward (pd2bw-ray's last-stage forward includes it); the loss's backward is in "
+           "both last-stage backwards. 'all' sums the medians: one microbatch through every "
+           "stage.", ""]
+    table = []
+    for mine, theirs in pairs:
+        a, b = mine.extra["compute_ms"], theirs.extra["compute_ms"]
+        total_a = total_b = 0.0
+        for stage in sorted(set(a) & set(b), key=int):
+            for kind in sorted(set(a[stage]) & set(b[stage]), key="FBIW".index):
+                x, y = a[stage][kind]["median_ms"], b[stage][kind]["median_ms"]
+                total_a, total_b = total_a + x, total_b + y
+                table.append((mine.variant, theirs.variant, stage, kind, f"{x:.1f}", f"{y:.1f}",
+                              _fmt(x / y)))
+        if total_b > 0:
+            table.append((mine.variant, theirs.variant, "all", "", f"{total_a:.1f}",
+                          f"{total_b:.1f}", _fmt(total_a / total_b)))
+    return out + _table(["pd2bw-ray", "torch", "stage", "computation", "pd2bw-ray ms",
+                         "torch ms", "pd2bw-ray / torch"], table)
 
 
 def _bubble_section(run: BenchRun, reps: Sequence[Measurement]) -> list[str]:

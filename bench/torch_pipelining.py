@@ -13,6 +13,12 @@ step is ``schedule.step`` on the step's microbatches concatenated along the batc
 schedule cuts them back into exactly the same microbatches), then, for weights tied across stages
 (BERT's word embedding and MLM decoder), an all-reduce of their gradients between the holders, as
 pd2bw-ray does, and ``optimizer.step()``. Torch's schedules flush the pipeline in every step.
+
+Every computation of the timed steps is timed around the stage's ``forward_one_chunk``,
+``backward_one_chunk`` and ``backward_weight_one_chunk`` (`_time_computations`), so that the report
+can set each beside pd2bw-ray's action log. Torch computes the loss outside
+``forward_one_chunk`` (pd2bw-ray's last-stage forward includes it); both count its backward in the
+last stage's backward.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from torch import nn
 
 from bench.activation_meter import ActivationMeter, MeteredStage
-from bench.measurement import Measurement, StageMemory, peak_rss_bytes
+from bench.measurement import Measurement, StageMemory, compute_medians, peak_rss_bytes
 from bench.single_process import as_args
 from bench.workloads import Microbatch, Workload
 
@@ -110,6 +116,29 @@ def _schedule_class(schedule: str):
             "InterleavedZB": pp.ScheduleInterleavedZeroBubble}[schedule]
 
 
+def _time_computations(stage: Any, records: list, timing: list[bool], device: torch.device
+                       ) -> None:
+    """Wrap ``stage``'s computations (instance attributes, which the schedules call) so each
+    appends ``(stage index, kind, seconds)`` to ``records`` while ``timing[0]`` is set: ``F``, a
+    whole backward ``B``, or a split backward's input pass ``I`` and weight pass ``W``."""
+    def wrap(name: str, kind_of) -> None:
+        inner = getattr(stage, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            if timing[0]:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                records.append((stage.stage_index, kind_of(kwargs), time.perf_counter() - t0))
+            return out
+        setattr(stage, name, timed)
+
+    wrap("forward_one_chunk", lambda kw: "F")
+    wrap("backward_one_chunk", lambda kw: "B" if kw.get("full_backward", True) else "I")
+    wrap("backward_weight_one_chunk", lambda kw: "W")
+
+
 def _train_rank(rank, depth, virtual, port, workload, schedule, warm, timed, threads, device):
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
@@ -136,6 +165,10 @@ def _train_rank(rank, depth, virtual, port, workload, schedule, warm, timed, thr
         _, _, shapes = _batch(timed[0])
         loss_fn = PackedTargetLoss(chain.loss_fn, shapes)
         stages = [PipelineStage(modules[s], s, num_stages, dev) for s in local]
+        records: list[tuple[int, str, float]] = []
+        timing = [False]
+        for stage in stages:
+            _time_computations(stage, records, timing, dev)
         m = len(timed[0])
         cls = _schedule_class(schedule)
         # every rank runs backward on all its microbatches
@@ -166,6 +199,7 @@ def _train_rank(rank, depth, virtual, port, workload, schedule, warm, timed, thr
                     torch.cuda.reset_peak_memory_stats(dev)
                 for meter in meters.values():
                     meter.reset_peak()
+                timing[0] = True
                 t0 = time.perf_counter()
             args, target, _ = _batch(microbatches)
             step_losses: list[torch.Tensor] = []
@@ -187,7 +221,7 @@ def _train_rank(rank, depth, virtual, port, workload, schedule, warm, timed, thr
         optim = sum(v.numel() * v.element_size() for st in optimizer.state.values()
                     for v in st.values() if isinstance(v, torch.Tensor))
         # like pd2bw-ray's virtual stages: each stage's accounting, summed over the rank's stages
-        out = {"ends": ends, "losses": losses,
+        out = {"ends": ends, "losses": losses, "computations": records,
                "memory": StageMemory(rank, weights, optim,
                                      sum(mt.peak_bytes for mt in meters.values()),
                                      sum(mt.peak_in_flight for mt in meters.values()),
@@ -271,4 +305,6 @@ def run(workload: Workload, depth: int, schedule: str, warm: list[list[Microbatc
         num_microbatches=len(timed[0]), microbatch_size=getattr(workload, "microbatch_size", 1),
         step_ends=tuple(got[0]["ends"]), call_seconds=got[0]["ends"][-1],
         losses=tuple(last["losses"]), stages=tuple(got[r]["memory"] for r in range(depth)),
-        extra={**extra, "virtual_stages": virtual})
+        extra={**extra, "virtual_stages": virtual,
+               "compute_ms": compute_medians(x for r in range(depth)
+                                             for x in got[r]["computations"])})

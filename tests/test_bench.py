@@ -109,6 +109,20 @@ def test_quick_run_writes_table_json_and_chart(ray_cluster, tmp_path):
                      if c["target"].startswith("mlp d=2: 2bw / single"))
     assert mlp_ratio["measured"] == pytest.approx(
         got[("mlp", "pd2bw-2bw")]["samples_per_s"] / got[("mlp", "single-1t")]["samples_per_s"])
+    # every computation of the timed steps, timed in both runtimes, stage by stage
+    for workload in ("bert", "mlp"):
+        ours = got[(workload, "pd2bw-2bw")]["extra"]["compute_ms"]
+        theirs = got[(workload, "torch-1F1B")]["extra"]["compute_ms"]
+        assert set(ours) == set(theirs) == {"0", "1"}
+        for s in ("0", "1"):
+            assert set(ours[s]) == set(theirs[s]) == {"F", "B"}
+            for kind in ("F", "B"):
+                assert ours[s][kind]["count"] == theirs[s][kind]["count"] == (
+                    len(got[(workload, "pd2bw-2bw")]["step_ends"])
+                    * got[(workload, "pd2bw-2bw")]["num_microbatches"])
+                assert ours[s][kind]["median_ms"] > 0 and theirs[s][kind]["median_ms"] > 0
     text = open(paths["md"]).read()
     assert "## Targets" in text and "| pd2bw-2bw | pd2bw-ray | 2bw | 2 |" in text
+    assert "## `bert`: each computation, pd2bw-ray beside torch (same run)" in text
+    assert "| pd2bw-2bw | torch-1F1B | all |" in text
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
