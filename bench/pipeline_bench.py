@@ -324,12 +324,14 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     run = report.BenchRun(**{**run.__dict__, "checks": tuple(checks(
         run.representatives(), bert_depth=depths[0], tiny_depth=settings.tiny_depth,
         num_microbatches=settings.num_microbatches, mlp_depth=settings.mlp_depth,
-        mlp_microbatches=settings.mlp_microbatches, virtual_stages=settings.virtual_stages))})
+        mlp_microbatches=settings.mlp_microbatches, virtual_stages=settings.virtual_stages,
+        repeats=run.measurements))})
     paths = report.write(run, args.out)
     for c in run.checks:
         verdict = {True: "pass", False: "MISS", None: "not measured"}[c.passed]
         got = "-" if c.measured is None else f"{c.measured:.3f}"
-        print(f"{verdict:>12}  {c.target}: {got} (threshold {c.threshold:g})")
+        paired = (f"; within each repeat {report.paired_text(c)}" if c.paired else "")
+        print(f"{verdict:>12}  {c.target}: {got} (threshold {c.threshold:g}{paired})")
     print("wrote " + ", ".join(paths.values()))
     return paths
 

@@ -113,6 +113,13 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def paired_text(c: Check) -> str:
+    """A check's per-repeat ratios as "median [lowest, highest]" ("-" without repeats)."""
+    if not c.paired:
+        return "-"
+    return f"{_fmt(c.paired_median)} [{_fmt(min(c.paired))}, {_fmt(max(c.paired))}]"
+
+
 def _mib(n: int) -> str:
     return f"{n / MiB:.1f}"
 
@@ -127,9 +134,14 @@ def markdown(run: BenchRun) -> str:
     for name, desc in run.workloads.items():
         out += [f"Workload `{name}`: " + ", ".join(f"{k} = {v}" for k, v in desc.items()), ""]
 
-    out += ["## Targets", ""]
-    out += _table(["target", "measured", "threshold", "ideal", "result", "note"], [
-        (c.target, _fmt(c.measured),
+    out += ["## Targets", "",
+            "'measured' compares the two variants' median repeats and decides the result; "
+            "'within each repeat' is the same ratio taken repeat by repeat (the variants run "
+            "round-robin): its median and range show how much this machine's noise moves it.",
+            ""]
+    out += _table(["target", "measured", "within each repeat: median [range]", "threshold",
+                   "ideal", "result", "note"], [
+        (c.target, _fmt(c.measured), paired_text(c),
          ("≥ " if c.higher_is_better else "≤ ") + f"{c.threshold:g}",
          _fmt(c.ideal), {True: "pass", False: "**MISS**", None: "not measured"}[c.passed],
          c.note) for c in run.checks])

@@ -2,11 +2,15 @@
 measurements (reported, never tuned towards).
 
 Each check names the two measurements it compares and says "not measured" when one of them was
-not part of the run. Throughputs are steady-state samples per second (medians over repeats).
+not part of the run. Throughputs are steady-state samples per second; a ratio is that of the two
+variants' median repeats (what passes or misses). Beside it, ``paired``: the ratio within each
+repeat (the variants run round-robin, so the two measurements of one repeat were taken minutes
+apart), whose median and range show how far this machine's noise moves the result.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,6 +25,7 @@ class Check:
     higher_is_better: bool = True
     ideal: float | None = None
     note: str = ""
+    paired: tuple[float, ...] = ()     # the same ratio within each repeat, in repeat order
 
     @property
     def passed(self) -> bool | None:
@@ -30,10 +35,15 @@ class Check:
             return self.measured >= self.threshold
         return self.measured <= self.threshold
 
+    @property
+    def paired_median(self) -> float | None:
+        return statistics.median(self.paired) if self.paired else None
+
     def to_dict(self) -> dict:
         return {"target": self.target, "measured": self.measured, "threshold": self.threshold,
                 "higher_is_better": self.higher_is_better, "ideal": self.ideal,
-                "passed": self.passed, "note": self.note}
+                "passed": self.passed, "note": self.note, "paired": list(self.paired),
+                "paired_median": self.paired_median}
 
 
 def _find(results: Sequence[Measurement], workload: str, variant: str,
@@ -48,6 +58,27 @@ def _ratio(a: Measurement | None, b: Measurement | None) -> float | None:
     if a is None or b is None:
         return None
     return a.samples_per_s / b.samples_per_s
+
+
+def paired_ratios(repeats: Sequence[Measurement], a: Measurement | None,
+                  b: Measurement | None) -> tuple[float, ...]:
+    """Throughput of ``a``'s variant over ``b``'s within each repeat: ``repeats`` is every
+    measurement of the run in the order taken, so the i-th of one variant pairs with the i-th of
+    the other."""
+    if a is None or b is None:
+        return ()
+
+    def rates(x: Measurement) -> list[float]:
+        return [m.samples_per_s for m in repeats
+                if (m.workload, m.variant, m.depth) == (x.workload, x.variant, x.depth)]
+
+    return tuple(p / q for p, q in zip(rates(a), rates(b)))
+
+
+def _vs(repeats: Sequence[Measurement], target: str, a: Measurement | None,
+        b: Measurement | None, threshold: float, **kw) -> Check:
+    """A check of ``a``'s throughput over ``b``'s, with the ratio within each repeat."""
+    return Check(target, _ratio(a, b), threshold, paired=paired_ratios(repeats, a, b), **kw)
 
 
 def _max_stage(m: Measurement, what: str) -> int:
@@ -127,27 +158,33 @@ def bubble_rows(results: Sequence[Measurement], d: int, m: int, v: int
     return rows
 
 
-def schedule_checks(results: Sequence[Measurement], d: int, m: int, v: int) -> list[Check]:
+def schedule_checks(results: Sequence[Measurement], d: int, m: int, v: int,
+                    repeats: Sequence[Measurement] = ()) -> list[Check]:
     """Issue 17: the new schedules against torch's, and 2bw against every schedule."""
     find = {name: _find(results, "bert", name, d) for name in ("pd2bw-2bw", *SYNCHRONOUS)}
     out = [
-        Check(f"bert d={d} m={m}: zb-h1 / torch ScheduleInterleavedZeroBubble (1 stage per rank)",
-              _ratio(find["pd2bw-zb-h1"], find["torch-InterleavedZB"]), 1.0, ideal=1.0),
-        Check(f"bert d={d} m={m} v={v}: interleaved / torch ScheduleInterleaved1F1B",
-              _ratio(find["pd2bw-interleaved"], find["torch-Interleaved1F1B"]), 1.0, ideal=1.0),
+        _vs(repeats, f"bert d={d} m={m}: zb-h1 / torch ScheduleInterleavedZeroBubble (1 stage "
+            "per rank)", find["pd2bw-zb-h1"], find["torch-InterleavedZB"], 1.0, ideal=1.0),
+        _vs(repeats, f"bert d={d} m={m} v={v}: interleaved / torch ScheduleInterleaved1F1B",
+            find["pd2bw-interleaved"], find["torch-Interleaved1F1B"], 1.0, ideal=1.0),
     ]
+    two = find["pd2bw-2bw"]
     others = [x for name, x in find.items() if name != "pd2bw-2bw" and x is not None]
     best = max(others, key=lambda x: x.samples_per_s) if others else None
+    # within each repeat, 2bw against whichever other schedule was fastest in that repeat
+    per_other = [paired_ratios(repeats, two, x) for x in others]
+    paired = tuple(min(r) for r in zip(*per_other)) if per_other else ()
     out.append(Check(f"bert d={d} m={m}: 2bw / the fastest other schedule"
                      + (f" ({best.variant})" if best is not None else ""),
-                     _ratio(find["pd2bw-2bw"], best), 1.0, note="2bw still the fastest"))
+                     _ratio(two, best), 1.0, note="2bw still the fastest", paired=paired))
     return out
 
 
 def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int = 4,
            num_microbatches: int = 4, mlp_depth: int = 2, mlp_microbatches: int = 8,
-           virtual_stages: int = 2) -> list[Check]:
-    """``results``: one representative measurement per (workload, variant, depth)."""
+           virtual_stages: int = 2, repeats: Sequence[Measurement] = ()) -> list[Check]:
+    """``results``: one representative measurement per (workload, variant, depth);
+    ``repeats``: every measurement of the run, in the order taken (for the paired ratios)."""
     d, m = bert_depth, num_microbatches
     single = _find(results, "bert", "single-1t")
     two = _find(results, "bert", "pd2bw-2bw", d)
@@ -158,10 +195,10 @@ def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int 
     bubble = (d - 1) / (m + d - 1)
     note = _ceiling_note(single, d)
     out = [
-        Check(f"bert d={d}: 2bw / single process (1 thread)", _ratio(two, single), 1.8,
-              ideal=float(d), note=note),
-        Check(f"bert d={d} m={m}: 2bw / torch Schedule1F1B", _ratio(two, torch_1f1b), 1.1,
-              ideal=1 / (1 - bubble), note=f"1F1B's bubble is (d-1)/(m+d-1) = {bubble:.0%}"),
+        _vs(repeats, f"bert d={d}: 2bw / single process (1 thread)", two, single, 1.8,
+            ideal=float(d), note=note),
+        _vs(repeats, f"bert d={d} m={m}: 2bw / torch Schedule1F1B", two, torch_1f1b, 1.1,
+            ideal=1 / (1 - bubble), note=f"1F1B's bubble is (d-1)/(m+d-1) = {bubble:.0%}"),
     ]
     mem = None
     if two is not None and torch_1f1b is not None:
@@ -171,9 +208,9 @@ def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int 
                      note="'same memory order': within a factor 2 (2bw keeps two weight "
                           "versions)"))
     out += [
-        Check(f"bert d={d}: 2bw / flush throughput", _ratio(two, flush), 1.0,
-              ideal=1 / (1 - bubble)),
-        Check(f"bert d={d}: flush / gpipe throughput", _ratio(flush, gpipe), 1.0, ideal=1.0),
+        _vs(repeats, f"bert d={d}: 2bw / flush throughput", two, flush, 1.0,
+            ideal=1 / (1 - bubble)),
+        _vs(repeats, f"bert d={d}: flush / gpipe throughput", flush, gpipe, 1.0, ideal=1.0),
     ]
     for name, variant in (("2bw", two), ("flush", flush)):
         ratio = None
@@ -193,20 +230,19 @@ def checks(results: Sequence[Measurement], bert_depth: int = 2, tiny_depth: int 
     mlp_two = _find(results, "mlp", "pd2bw-2bw", dm)
     mlp_bubble = (dm - 1) / (mm + dm - 1)
     out += [
-        Check(f"mlp d={dm}: 2bw / single process (1 thread)", _ratio(mlp_two, mlp_single), 1.8,
-              ideal=float(dm), note=_ceiling_note(mlp_single, dm)),
-        Check(f"mlp d={dm} m={mm}: 2bw / torch Schedule1F1B",
-              _ratio(mlp_two, _find(results, "mlp", "torch-1F1B", dm)), 1.1,
-              ideal=1 / (1 - mlp_bubble),
-              note=f"1F1B's bubble is (d-1)/(m+d-1) = {mlp_bubble:.0%}"),
+        _vs(repeats, f"mlp d={dm}: 2bw / single process (1 thread)", mlp_two, mlp_single, 1.8,
+            ideal=float(dm), note=_ceiling_note(mlp_single, dm)),
+        _vs(repeats, f"mlp d={dm} m={mm}: 2bw / torch Schedule1F1B", mlp_two,
+            _find(results, "mlp", "torch-1F1B", dm), 1.1, ideal=1 / (1 - mlp_bubble),
+            note=f"1F1B's bubble is (d-1)/(m+d-1) = {mlp_bubble:.0%}"),
     ]
     if any(_find(results, "bert", name, d) is not None for name in NEW_SCHEDULES):
-        out += schedule_checks(results, d, m, virtual_stages)
+        out += schedule_checks(results, d, m, virtual_stages, repeats)
     # Context, not targets: the same schedule in both runtimes.
     out += [
-        Check(f"bert d={d}: flush / torch Schedule1F1B (same schedule, both flush)",
-              _ratio(flush, torch_1f1b), 1.0, ideal=1.0, note="informational"),
-        Check(f"bert d={d}: gpipe / torch ScheduleGPipe", _ratio(gpipe, torch_gpipe), 1.0,
-              ideal=1.0, note="informational"),
+        _vs(repeats, f"bert d={d}: flush / torch Schedule1F1B (same schedule, both flush)",
+            flush, torch_1f1b, 1.0, ideal=1.0, note="informational"),
+        _vs(repeats, f"bert d={d}: gpipe / torch ScheduleGPipe", gpipe, torch_gpipe, 1.0,
+            ideal=1.0, note="informational"),
     ]
     return out

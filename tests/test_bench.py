@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from bench.activation_meter import ActivationMeter, MeteredStage
-from bench.measurement import steady_period
+from bench.measurement import Measurement, StageMemory, steady_period
+from bench.report import BenchRun
+from bench.targets import checks, paired_ratios
 from bench.workloads import BertWorkload, MlpWorkload, make_adam
 from pd2bw_ray import PipelineConfig, PipelineTrainer
 
@@ -84,6 +86,44 @@ def test_steady_period_leaves_out_the_first_and_last_step():
         steady_period([1.0, 2.0, 3.0])
 
 
+def _measured(variant: str, samples_per_s: float) -> Measurement:
+    """A BERT d=2 measurement whose steady throughput is ``samples_per_s`` (4 x 1 samples a
+    step)."""
+    period = 4 / samples_per_s
+    return Measurement(workload="bert", variant=variant, framework="test", schedule="-",
+                       depth=1 if variant == "single-1t" else 2, threads_total=2,
+                       num_microbatches=4, microbatch_size=1,
+                       step_ends=tuple(period * i for i in range(1, 6)), call_seconds=1.0,
+                       losses=(1.0,), stages=(StageMemory(0, 1, 1, 1, 1, 0),))
+
+
+def test_ratios_within_each_repeat_pair_the_repeats_in_the_order_taken():
+    # three round-robin repeats; the machine slows down from one repeat to the next, so the
+    # variants' median repeats (10/20 -> 0.5 here) do not come from the same repeat
+    rates = {"single-1t": (12.0, 10.0, 8.0), "pd2bw-2bw": (20.0, 21.0, 13.0),
+             "pd2bw-flush": (18.0, 15.0, 14.0), "torch-1F1B": (19.0, 16.0, 12.0),
+             "pd2bw-interleaved": (17.0, 20.0, 11.0), "torch-Interleaved1F1B": (16.0, 18.0, 12.0)}
+    repeats = [_measured(v, rates[v][r]) for r in range(3) for v in rates]
+    run = BenchRun(name="t", started="", command="", machine={}, versions={}, settings={},
+                   workloads={}, measurements=tuple(repeats))
+    reps = run.representatives()
+    two, single = (next(m for m in reps if m.variant == v) for v in ("pd2bw-2bw", "single-1t"))
+    assert paired_ratios(repeats, two, single) == pytest.approx((20 / 12, 21 / 10, 13 / 8))
+    assert paired_ratios(repeats, two, None) == ()
+    got = {c.target: c for c in checks(reps, repeats=repeats)}
+    c = got["bert d=2: 2bw / single process (1 thread)"]
+    assert c.measured == pytest.approx(20 / 10)            # the median repeats: 20 and 10
+    assert c.paired == pytest.approx((20 / 12, 21 / 10, 13 / 8))
+    assert c.paired_median == pytest.approx(20 / 12)
+    c = got["bert d=2 m=4 v=2: interleaved / torch ScheduleInterleaved1F1B"]
+    assert c.paired == pytest.approx((17 / 16, 20 / 18, 11 / 12))
+    # 2bw against whichever other schedule was fastest within each repeat
+    fastest = next(c for t, c in got.items() if "2bw / the fastest other" in t)
+    assert fastest.paired == pytest.approx((20 / 19, 21 / 20, 13 / 14))
+    # while 'measured' takes the median repeats: 2bw's 20 against interleaved's 17
+    assert "(pd2bw-interleaved)" in fastest.target and fastest.measured == pytest.approx(20 / 17)
+
+
 def test_quick_run_writes_table_json_and_chart(ray_cluster, tmp_path):
     from bench.pipeline_bench import main
 
@@ -105,6 +145,7 @@ def test_quick_run_writes_table_json_and_chart(ray_cluster, tmp_path):
     ratio = next(c for c in record["checks"] if "2bw / single process" in c["target"])
     assert ratio["measured"] == pytest.approx(
         got[("bert", "pd2bw-2bw")]["samples_per_s"] / got[("bert", "single-1t")]["samples_per_s"])
+    assert ratio["paired"] == [pytest.approx(ratio["measured"])]     # one repeat: one pair
     mlp_ratio = next(c for c in record["checks"]
                      if c["target"].startswith("mlp d=2: 2bw / single"))
     assert mlp_ratio["measured"] == pytest.approx(
@@ -123,6 +164,7 @@ def test_quick_run_writes_table_json_and_chart(ray_cluster, tmp_path):
                 assert ours[s][kind]["median_ms"] > 0 and theirs[s][kind]["median_ms"] > 0
     text = open(paths["md"]).read()
     assert "## Targets" in text and "| pd2bw-2bw | pd2bw-ray | 2bw | 2 |" in text
+    assert "within each repeat: median [range]" in text
     assert "## `bert`: each computation, pd2bw-ray beside torch (same run)" in text
     assert "| pd2bw-2bw | torch-1F1B | all |" in text
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
