@@ -60,6 +60,10 @@ class _Stashed:
     nbytes: int = 0                        # activation memory it holds (unique storages)
     # A split backward: what ``backward_input`` found and recorded, kept for ``backward_weight``
     split: SplitBackward | None = None
+    # A split backward with no input to differentiate (the first stage): ``backward_input``
+    # computed nothing and kept its output gradients here; ``backward_weight`` runs the whole
+    # backward with them
+    deferred: tuple[torch.Tensor, ...] | None = None
 
 
 def _nbytes(tensors) -> int:
@@ -358,6 +362,17 @@ class Stage:
         if entry is None:
             raise StageError(f"stage {self.stage}: backward of step {step} microbatch "
                              f"{microbatch} without its forward")
+        self._accumulate(step, entry, output_grads)
+        result = []
+        for x in entry.inputs:
+            result.append(x.grad if x.grad is not None else torch.zeros_like(x))
+            x.grad = None
+        return result
+
+    def _accumulate(self, step: int, entry: _Stashed,
+                    output_grads: Sequence[torch.Tensor] | None) -> None:
+        """Run a microbatch's whole backward, its weight gradients accumulating into the step's
+        buffers (autograd adds into them in place; the first microbatch's become them)."""
         slot = self._slot_of(entry.version)
         buf = self._grads.setdefault(step, {})
         for n in self.param_names:
@@ -370,11 +385,6 @@ class Stage:
             for n in self.param_names:
                 buf[n] = slot[n].grad
                 slot[n].grad = None
-        result = []
-        for x in entry.inputs:
-            result.append(x.grad if x.grad is not None else torch.zeros_like(x))
-            x.grad = None
-        return result
 
     def _roots(self, entry: _Stashed, output_grads: Sequence[torch.Tensor] | None
                ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -406,9 +416,17 @@ class Stage:
         if entry is None:
             raise StageError(f"stage {self.stage}: input-gradient backward of step {step} "
                              f"microbatch {microbatch} without its forward")
-        if entry.split is not None:
+        if entry.split is not None or entry.deferred is not None:
             raise StageError(f"stage {self.stage}: a second input-gradient backward of step "
                              f"{step} microbatch {microbatch}")
+        if not entry.inputs:
+            # Nothing to differentiate here (the first stage): the whole backward waits for W,
+            # which runs it as one pass, as an unsplit backward would.
+            entry.deferred = tuple(output_grads or ())
+            entry.nbytes += _nbytes(entry.deferred)
+            self.peak_stash_bytes = max(self.peak_stash_bytes,
+                                        sum(e.nbytes for e in self._stash.values()))
+            return []
         roots, grads = self._roots(entry, output_grads)
         weights = [self._slot_of(entry.version)[n] for n in self.param_names]
         entry.split = plan_split(roots, grads, entry.inputs, weights)
@@ -425,10 +443,13 @@ class Stage:
         the microbatch's graph and activations are freed."""
         key = (step, microbatch)
         entry = self._stash.get(key)
-        if entry is None or entry.split is None:
+        if entry is None or (entry.split is None and entry.deferred is None):
             raise StageError(f"stage {self.stage}: weight-gradient backward of step {step} "
                              f"microbatch {microbatch} before its input-gradient backward")
         del self._stash[key]
+        if entry.deferred is not None:
+            self._accumulate(step, entry, None if self.is_last else list(entry.deferred))
+            return
         slot = self._slot_of(entry.version)
         buf = self._grads.setdefault(step, {})
         got = entry.split.weight_pass([slot[n] for n in self.param_names])

@@ -161,3 +161,47 @@ def test_bert_stages_split_exactly(is_last):
     assert_same(dx, ref_dx)
     assert_same(dw, ref_dw)
     assert len(dx) == 1 and len(plan.groups) > 4 and all(w is not None for w in dw)
+
+
+@pytest.mark.parametrize("num_stages", [1, 2])
+def test_a_first_stage_leaves_its_whole_backward_to_w(num_stages, monkeypatch):
+    """The first stage has no input to differentiate: its I computes nothing (not even the
+    graph walk), and its W runs one whole backward, giving the gradients an unsplit backward
+    gives, bit for bit (microbatches accumulating in the same order)."""
+    from pd2bw_ray.stage import Stage
+
+    def stage():
+        torch.manual_seed(0)
+        mod = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+        return Stage(stage=0, num_stages=num_stages, modules={0: mod},
+                     loss_fn=nn.MSELoss() if num_stages == 1 else None,
+                     optimizer_factory=lambda p: torch.optim.SGD([q for _, q in p], lr=0.1))
+
+    torch.manual_seed(1)
+    xs = [torch.randn(3, 5, dtype=torch.float64) for _ in range(2)]
+    ts = [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)]
+    gs = [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)]
+    whole, split = stage(), stage()
+
+    def walked(*args):
+        raise AssertionError("the first stage's I walked the graph")
+
+    monkeypatch.setattr("pd2bw_ray.stage.plan_split", walked)
+    for k in range(2):
+        for st in (whole, split):
+            st.forward(0, k, 0, [xs[k]], ts[k] if num_stages == 1 else None)
+        out_grads = None if num_stages == 1 else [gs[k]]
+        whole.backward(0, k, out_grads)
+        before = [g.clone() if g is not None else None
+                  for g in split._grads.get(0, {}).values()]
+        assert split.backward_input(0, k, out_grads) == []
+        after = list(split._grads.get(0, {}).values())             # nothing computed yet
+        assert len(after) == len(before) and all(
+            (a is None and b is None) or torch.equal(a, b) for a, b in zip(after, before))
+        assert split.in_flight() == [(0, k)]                             # held until W
+        split.backward_weight(0, k)
+        assert split.in_flight() == []
+    for a, b in zip(whole.take_grads(0), split.take_grads(0)):
+        assert torch.equal(a, b)
+    with pytest.raises(Exception, match="before its input-gradient backward"):
+        split.backward_weight(0, 0)
