@@ -143,15 +143,13 @@ def run_loop(kind, config, shards, b, m, steps, warmup) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_job(config, vocab, shards, seq, b, gas, steps, depth, work: Path) -> dict:
+def run_job(config, vocab, shards, seq, b, gas, steps, module: str, work: Path) -> dict:
     out_json = work / "throughput.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}
-    cmd = [sys.executable, "jobs/pretrain_bert24.py", "--module",
-           f"models.bert{json.loads(Path(config).read_text())['num_hidden_layers']}"
-           f".depth={depth}", "--bert_config_path", str(config), "--vocab_path", str(vocab),
+    cmd = [sys.executable, "jobs/pretrain_bert24.py", "--module", module,
+           "--bert_config_path", str(config), "--vocab_path", str(vocab),
            "--train_path", str(shards), "--do_train", "--do_lower_case", "--max_seq_length",
-           str(seq),
-           "--train_batch_size", str(b), "--gradient_accumulation_steps", str(gas),
+           str(seq), "--train_batch_size", str(b), "--gradient_accumulation_steps", str(gas),
            "--num_minibatches", str(steps), "--output_json", str(out_json),
            "--torch_threads", "1", "--log_every", "1000"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -173,6 +171,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=12, help="timed updates per variant")
     p.add_argument("--dupe_factor", type=int, default=4)
     p.add_argument("--output", default=str(RESULTS / "job"))
+    p.add_argument("--compare_module", action="append", default=[], metavar="SPEC",
+                   help="also run the job with --module SPEC in every repeat (e.g. "
+                        "models.bert6.layers=3,3, whole layers), reported beside depth=D's")
     # the child-process loop
     p.add_argument("--loop", choices=("transformers", "single"), default=None)
     p.add_argument("--config"), p.add_argument("--shards"), p.add_argument("--warmup", type=int)
@@ -186,24 +187,34 @@ def main(argv=None) -> None:
     config.write_text(json.dumps(minilm_config(args.layers), indent=1))
     gas = gas_for(args.m, args.depth)
     warmup = 2
-    rows = {"job": [], "transformers": [], "single": []}
-    logs = []
+    jobs = {"job": f"models.bert{args.layers}.depth={args.depth}"}
+    jobs.update({f"job {spec}": spec for spec in args.compare_module})
+    rows: dict[str, list[float]] = {name: [] for name in jobs}
+    rows.update({"transformers": [], "single": []})
+    logs: dict[str, list[str]] = {}
     for r in range(args.repeats):
-        job = run_job(config, vocab, shards, args.seq, args.b, gas, args.steps + warmup + 2,
-                      args.depth, work)
-        rows["job"].append(job["samples_per_second"])
-        logs.append(job["log"])
+        for name, module in jobs.items():
+            job = run_job(config, vocab, shards, args.seq, args.b, gas,
+                          args.steps + warmup + 2, module, work)
+            rows[name].append(job["samples_per_second"])
+            logs[name] = job["log"]
         for kind in ("transformers", "single"):
             rows[kind].append(run_loop(kind, config, shards, args.b, args.m, args.steps,
                                        warmup)["samples_per_second"])
         print(f"[job_bench] repeat {r + 1}/{args.repeats}: "
               + ", ".join(f"{k} {v[-1]:.2f} samples/s" for k, v in rows.items()), flush=True)
-    ratios = {"job / transformers": [j / t for j, t in zip(rows["job"], rows["transformers"])],
-              "job / single": [j / s for j, s in zip(rows["job"], rows["single"])],
-              "single / transformers": [s / t for s, t in zip(rows["single"],
-                                                              rows["transformers"])]}
+    def per_repeat(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(rows[a], rows[b])]
+
+    ratios = {"job / transformers": per_repeat("job", "transformers"),
+              "job / single": per_repeat("job", "single"),
+              "single / transformers": per_repeat("single", "transformers")}
+    for name in list(jobs)[1:]:
+        ratios[f"{name} / single"] = per_repeat(name, "single")
+        ratios[f"job / {name}"] = per_repeat("job", name)
     result = {"settings": {**vars(args), "gradient_accumulation_steps": gas},
-              "samples_per_second": rows, "ratios": ratios, "job_log": logs[-1],
+              "samples_per_second": rows, "ratios": ratios, "job_log": logs["job"],
+              "job_logs": logs,
               "date": time.strftime("%Y-%m-%d")}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,11 +226,16 @@ def main(argv=None) -> None:
              "| variant | samples/s |", "|---|---:|"]
     for k, v in rows.items():
         lines.append(f"| {k} | {statistics.median(v):.2f} ({min(v):.2f}..{max(v):.2f}) |")
-    lines += ["", "| ratio | median | min..max |", "|---|---:|---:|"]
+    lines += ["", "Ratios within each repeat (the variants run one after another in every "
+              "repeat):", "", "| ratio | median | min..max | per repeat |", "|---|---:|---:|---|"]
     for k, v in ratios.items():
-        lines.append(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f}..{max(v):.2f} |")
-    lines += ["", "The job's own start lines and report (last repeat):", "", "```"]
-    lines += logs[-1] + ["```", ""]
+        lines.append(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f}..{max(v):.2f} | "
+                     + ", ".join(f"{x:.2f}" for x in v) + " |")
+    for name, log in logs.items():
+        lines += ["", f"`{name}` ({jobs[name]}): the job's own start lines and report (last "
+                  "repeat):", "", "```"]
+        lines += log + ["```"]
+    lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 

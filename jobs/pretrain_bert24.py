@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and layout")
     g.add_argument("--module", default="models.bert24.depth=8",
-                   help="BERT cut into modules: models.bert<L>.depth=<D> (D modules, balanced), "
-                        "models.bert<L>.layers=<n0>,<n1>,... (explicit), or "
+                   help="BERT cut into modules: models.bert<L>.depth=<D> (D modules, balanced "
+                        "by predicted cost), models.bert<L>.layers=<n0>,<n1>,... (explicit; "
+                        "n.5 cuts a layer between its attention and its feed-forward), or "
                         "models.bert<L>.depth=auto (the planner chooses modules, stages, "
                         "replicas, microbatch size and m for this cluster)")
     g.add_argument("--config_path", default=None,
@@ -351,7 +352,7 @@ def partition_cost_model(args: argparse.Namespace, model_cfg, spec: str, log):
     import re
 
     from pd2bw_ray.planner import ModelProfile, PlanError
-    from stages.bert_cost import CostModel
+    from stages.bert_cost import CostModel, rates_for
 
     from pd2bw_ray import PipelineConfig
 
@@ -361,6 +362,7 @@ def partition_cost_model(args: argparse.Namespace, model_cfg, spec: str, log):
               else int(depth[1]) if depth else len(spec.split(",")))
     # m only weighs the optimizer step (once per m microbatches) in the balance
     m = args.microbatches_per_update or stages * (args.gradient_accumulation_steps or 1)
+    device = "cuda" if args.num_gpus_per_stage > 0 else "cpu"
     if args.profile_path and os.path.exists(args.profile_path):
         try:
             profile = ModelProfile.load(args.profile_path)
@@ -373,10 +375,12 @@ def partition_cost_model(args: argparse.Namespace, model_cfg, spec: str, log):
             if (profile.num_layers == model_cfg.num_hidden_layers
                     and profile.seq_length == args.max_seq_length
                     and desc.get("model", model_cfg.to_dict()) == model_cfg.to_dict()):
-                return CostModel(profile, b, m)
+                return CostModel.of_profile(profile, model_cfg, microbatch_size=b,
+                                            num_microbatches=m,
+                                            rates=rates_for(desc.get("device", device),
+                                                            args.torch_threads))
             log(f"[pretrain] --profile_path {args.profile_path} was measured for another model "
                 "or sequence length; balancing the partition with the analytic cost model")
-    device = "cuda" if args.num_gpus_per_stage > 0 else "cpu"
     return CostModel.analytic(model_cfg, seq_length=args.max_seq_length, microbatch_size=b,
                               num_microbatches=m, device=device,
                               torch_threads=args.torch_threads,

@@ -373,7 +373,7 @@ class StageEstimate:
     """Predicted time per step (seconds) and peak memory (bytes) of one worker of a stage."""
 
     stage: int
-    layers: int
+    layers: float
     compute_s: float          # m (F + G) + U
     comm_s: float             # m X + A
     step_s: float             # T_s
@@ -439,9 +439,10 @@ def _allreduce_s(nbytes: int, group_size: int, bandwidth: float, latency_s: floa
 
 def estimate_stage(profile: ModelProfile, cluster: Cluster, *, stage: int, depth: int,
                    microbatch_size: int, num_microbatches: int, recompute: bool,
-                   layers: int) -> StageEstimate:
+                   layers: float) -> StageEstimate:
     """Time per step and peak memory of a worker of ``stage`` holding ``layers`` layers (the
-    formulas of the module docstring)."""
+    formulas of the module docstring, linear in ``layers``: a model whose layers split into
+    blocks prices a stage holding part of a layer with a fraction)."""
     d, m, n = depth, num_microbatches, layers
     w = cluster.num_workers // d
     net, k = cluster.network, cluster.workers_per_node

@@ -9,6 +9,12 @@
                                                      (h, mask[, labels]) -> (mlm_scores, nsp_scores)
     loss        BertPretrainingLoss((mlm_scores, nsp_scores), (mlm_labels, nsp_labels))
 
+Where a partition cuts a layer in two (`stages.partition`, counts ending in ``.5``), the stage
+before the cut holds that layer's ``attention`` (`BertAttentionBlock`) and the stage after it the
+layer's ``intermediate`` and ``output`` (`BertFeedForwardBlock`), under the layer's own index, so
+every parameter keeps its transformers name and the two halves compute exactly what
+``BertLayer.forward`` does.
+
 **Masked-only MLM head.** In training the MLM labels travel with the inputs (a fourth input of the
 first stage, passed on like the mask: ``b x seq`` int64, small beside the hidden states). The last
 stage then gathers the labelled positions (label != -100) before the prediction transform and the
@@ -48,6 +54,7 @@ from transformers import BertConfig, BertForPreTraining
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import (BertEmbeddings, BertLayer, BertPooler,
                                                     BertPreTrainingHeads)
+from transformers.pytorch_utils import apply_chunking_to_forward
 
 from pd2bw_ray.config import ConfigError, PipelineConfig
 from stages.bert_config import BertModelConfig
@@ -58,12 +65,49 @@ MLM_DECODER_WEIGHT = "cls.predictions.decoder.weight"
 IGNORE_INDEX = -100       # masked_lm_labels of a position that is not predicted
 
 
+class BertAttentionBlock(nn.Module):
+    """The first half of a `BertLayer` cut in two: its ``attention`` (self-attention, output
+    projection, residual and LayerNorm), called as ``BertLayer.forward`` calls it."""
+
+    def __init__(self, layer: BertLayer) -> None:
+        super().__init__()
+        if getattr(layer, "add_cross_attention", False):
+            raise PartitionError("a BERT layer with cross-attention cannot be cut in two")
+        self.attention = layer.attention
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        return self.attention(hidden_states, attention_mask)[0]
+
+
+class BertFeedForwardBlock(nn.Module):
+    """The second half of a `BertLayer` cut in two: ``intermediate`` and ``output`` (the MLP,
+    residual and LayerNorm), chunked as ``BertLayer.forward`` chunks them."""
+
+    def __init__(self, layer: BertLayer) -> None:
+        super().__init__()
+        self.chunk_size_feed_forward = layer.chunk_size_feed_forward
+        self.seq_len_dim = layer.seq_len_dim
+        self.intermediate = layer.intermediate
+        self.output = layer.output
+
+    def feed_forward_chunk(self, attention_output: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(attention_output), attention_output)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return apply_chunking_to_forward(self.feed_forward_chunk, self.chunk_size_feed_forward,
+                                         self.seq_len_dim, hidden_states)
+
+
 class BertStage(nn.Module):
     """A contiguous slice of ``BertForPreTraining``: encoder layers (keyed by their global index,
-    so parameter names read ``layer.7.attention...``), with the embeddings on the first stage and
-    the pooler and pre-training heads on the last. See the module docstring for inputs/outputs."""
+    so parameter names read ``layer.7.attention...``; a layer cut in two is a `BertAttentionBlock`
+    or a `BertFeedForwardBlock`), with the embeddings on the first stage and the pooler and
+    pre-training heads on the last. See the module docstring for inputs/outputs."""
 
-    def __init__(self, config: BertConfig, layers: Mapping[int, BertLayer], *,
+    def __init__(self, config: BertConfig,
+                 layers: Mapping[int, BertLayer | BertAttentionBlock | BertFeedForwardBlock], *,
                  embeddings: BertEmbeddings | None = None, pooler: BertPooler | None = None,
                  heads: BertPreTrainingHeads | None = None) -> None:
         super().__init__()
@@ -87,7 +131,10 @@ class BertStage(nn.Module):
     def extra_repr(self) -> str:
         layers = [int(i) for i in self.layer]
         span = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
-        return f"{span}, embeddings={self.is_first}, heads={self.is_last}"
+        halves = [f"{i}: {type(m).__name__}" for i, m in self.layer.items()
+                  if not isinstance(m, BertLayer)]
+        return (f"{span}{' (' + ', '.join(halves) + ')' if halves else ''}, "
+                f"embeddings={self.is_first}, heads={self.is_last}")
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.is_first:
@@ -105,9 +152,11 @@ class BertStage(nn.Module):
             hidden_states, attention_mask, *labels = inputs
         if len(self.layer):
             # The same call BertModel makes: an additive float mask for eager attention, a boolean
-            # mask (or None when nothing is padded) for sdpa.
-            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
-                                             attention_mask=attention_mask)
+            # mask (or None when nothing is padded) for sdpa. A lone feed-forward block needs none.
+            mask = None
+            if any(not isinstance(m, BertFeedForwardBlock) for m in self.layer.values()):
+                mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
+                                                 attention_mask=attention_mask)
             for layer in self.layer.values():
                 hidden_states = layer(hidden_states, mask)
         if not self.is_last:
@@ -270,7 +319,11 @@ def _split(hf_model: BertForPreTraining, partition: BertPartition) -> BertPipeli
     del heads.predictions.bias
     modules = []
     for s in range(partition.num_stages):
-        layers = {i: hf_model.bert.encoder.layer[i] for i in partition.layer_range(s)}
+        layers = {}
+        for i, (attention, feed_forward) in partition.layer_blocks(s).items():
+            layer = hf_model.bert.encoder.layer[i]
+            layers[i] = (layer if attention and feed_forward else
+                         BertAttentionBlock(layer) if attention else BertFeedForwardBlock(layer))
         modules.append(BertStage(
             config, layers,
             embeddings=hf_model.bert.embeddings if s == 0 else None,
@@ -301,13 +354,17 @@ def format_parameter_table(model: BertPipelineModel) -> str:
     """A printable table of layers and parameters per stage."""
     counts = stage_parameter_counts(model)
     total = sum(counts)
-    rows = [f"{'stage':>5}  {'layers':<14}  {'parameters':>13}  {'share':>6}"]
+    last = len(counts) - 1
+    spans = ["+".join((["emb"] if s == 0 else [])
+                      + [model.partition.layers_text(s, short=True) or "-"]
+                      + (["heads"] if s == last else [])) for s in range(len(counts))]
+    w = max(14, *map(len, spans))
+    rows = [f"{'stage':>5}  {'layers':<{w}}  {'parameters':>13}  {'share':>6}"]
     for s, count in enumerate(counts):
-        span = model.partition.layer_range(s)
-        layers = {0: "-", 1: f"{span.start}"}.get(len(span), f"{span.start}..{span.stop - 1}")
-        parts = (["emb"] if s == 0 else []) + [layers] + (["heads"] if s == len(counts) - 1 else [])
-        rows.append(f"{s:>5}  {'+'.join(parts):<14}  {count:>13,}  {count / total:>6.1%}")
+        rows.append(f"{s:>5}  {spans[s]:<{w}}  {count:>13,}  {count / total:>6.1%}")
     tied = tied_copy_count(model)
-    rows.append(f"{'total':>5}  {'':<14}  {total:>13,}  "
+    rows.append(f"{'total':>5}  {'':<{w}}  {total:>13,}  "
                 f"(unique {total - tied:,}; tied decoder copy {tied:,})")
+    if model.partition.has_halves:
+        rows.append("(layers cut in two: 3a is layer 3's attention block, 3f its feed-forward)")
     return "\n".join(rows)

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bert_config_path", required=True, help="Google-format bert_config.json")
     parser.add_argument("--module", required=True,
-                        help="models.bert<L>.depth=<D> or models.bert<L>.layers=<n0>,<n1>,...")
+                        help="models.bert<L>.depth=<D> or models.bert<L>.layers=<n0>,<n1>,... "
+                             "(n.5: half a layer, cut between attention and feed-forward)")
     parser.add_argument("--num_replicas", type=int, default=1, help="replicas per stage")
     parser.add_argument("--write_conf", default=None, help="write the conf.json here")
     args = parser.parse_args(argv)

@@ -2,7 +2,9 @@
 
 Our state dicts have keys ``"<module index>.<name>"`` (see `stages.bert`); transformers' have
 ``bert.embeddings.*``, ``bert.encoder.layer.<i>.*``, ``bert.pooler.*`` and ``cls.*``. Because a
-stage keys its layers by their global index, the name mapping does not depend on the split:
+stage keys its layers by their global index, the name mapping does not depend on the split (a
+layer cut in two keeps ``layer.<i>.attention.*`` on one stage and ``layer.<i>.intermediate.*``
+and ``layer.<i>.output.*`` on the next):
 
     <k>.embeddings.X                     <-> bert.embeddings.X                 (k = 0)
     <k>.layer.<i>.X                      <-> bert.encoder.layer.<i>.X

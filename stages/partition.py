@@ -7,24 +7,37 @@ module of the pipeline, and the loss is one extra trailing module on the last st
 
     module_to_stage_map = [0, 1, ..., D-1, D-1]
 
+**Half layers.** A cut may also fall inside an encoder layer, between its attention block
+(self-attention, output projection, residual and LayerNorm) and its feed-forward block (the two
+MLP matmuls, residual and LayerNorm): a count ending in ``.5`` holds half a layer at that end.
+``3.5,2.5`` puts layers 0..2 and layer 3's attention on stage 0, layer 3's feed-forward and layers
+4..5 on stage 1. What crosses such a cut is the same ``[b, seq, hidden]`` tensor as between whole
+layers. Layers are about a third attention and two thirds feed-forward, so half layers let the
+stages' costs even out where whole layers cannot (the heads on the last stage cost a fraction of a
+layer).
+
 ``--module`` accepts two forms (``L`` = number of encoder layers, must match the BERT config)::
 
     models.bert<L>.depth=<D>              L layers over D stages, balanced by predicted cost
-    models.bert<L>.layers=<n0>,<n1>,...   n_s layers on stage s (uneven splits); sum = L
+    models.bert<L>.layers=<n0>,<n1>,...   n_s layers on stage s (uneven splits, halves allowed);
+                                          sum = L
 
-e.g. ``models.bert24.depth=8`` or ``models.bert24.layers=2,4,4,4,4,3,2,1``.
+e.g. ``models.bert24.depth=8``, ``models.bert24.layers=2,4,4,4,4,3,2,1`` or
+``models.bert6.layers=3.5,2.5``.
 
 ``depth=D`` with a cost model (`stages.bert_cost.CostModel`, what the jobs pass) splits the layers
 so that the stages' predicted compute (forward, backward and optimizer step, with the embeddings
-on the first stage and the heads and loss on the last) is as even as whole layers allow. Without
+on the first stage and the heads and loss on the last) is as even as half layers allow. Without
 one, the layer counts are as even as possible (`balanced_partition`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from pd2bw_ray.config import PipelineConfig
 
@@ -40,11 +53,14 @@ class PartitionError(ValueError):
 class BertPartition:
     """Encoder layers per stage: stage ``s`` runs layers ``layer_range(s)`` (global indices).
 
-    Stages other than the first and the last must hold at least one layer; the first may hold only
-    the embeddings and the last only the pooler and heads.
+    A count may end in ``.5`` (see the module docstring): the stage then holds only the attention
+    block of its last layer, or only the feed-forward block of its first. Internally a layer is
+    two *blocks*, block ``2i`` its attention and ``2i + 1`` its feed-forward; ``block_range(s)``
+    is what stage ``s`` runs. Stages other than the first and the last must hold at least one
+    block; the first may hold only the embeddings and the last only the pooler and heads.
     """
 
-    layers_per_stage: tuple[int, ...]
+    layers_per_stage: tuple[int | float, ...]
 
     def __post_init__(self) -> None:
         counts = self.layers_per_stage
@@ -52,35 +68,83 @@ class BertPartition:
             raise PartitionError(f"layers_per_stage must be a non-empty tuple of layer counts, "
                                  f"got {counts!r}")
         for s, n in enumerate(counts):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise PartitionError(f"stage {s}: layer count {n!r} is not a non-negative integer "
-                                     f"(layers_per_stage={list(counts)})")
+            if (isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n)
+                    or n < 0 or (2 * n) != int(2 * n)):
+                raise PartitionError(f"stage {s}: layer count {n!r} is neither a non-negative "
+                                     f"integer nor one ending in .5 (layers_per_stage="
+                                     f"{[_count_text(c) for c in counts]})")
+        # keep whole counts as ints, so equal partitions compare (and print) equal
+        object.__setattr__(self, "layers_per_stage", tuple(
+            int(n) if n == int(n) else float(n) for n in counts))
+        if self.num_blocks % 2:
+            raise PartitionError(f"layers_per_stage {[_count_text(c) for c in counts]} sums to "
+                                 f"{sum(counts)}: the halves must add up to whole layers")
         for s in range(1, len(counts) - 1):
             if counts[s] == 0:
                 raise PartitionError(f"stage {s} has no encoder layers (layers_per_stage="
-                                     f"{list(counts)}); only the first stage (embeddings) and the "
-                                     "last stage (heads) may hold none: drop the stage or move a "
-                                     "layer onto it")
+                                     f"{[_count_text(c) for c in counts]}); only the first stage "
+                                     "(embeddings) and the last stage (heads) may hold none: drop "
+                                     "the stage or move a layer onto it")
 
     @property
     def num_stages(self) -> int:
         return len(self.layers_per_stage)
 
     @property
-    def num_layers(self) -> int:
-        return sum(self.layers_per_stage)
+    def num_blocks(self) -> int:
+        return int(round(2 * sum(self.layers_per_stage)))
 
-    def layer_range(self, stage: int) -> range:
+    @property
+    def num_layers(self) -> int:
+        return self.num_blocks // 2
+
+    @property
+    def has_halves(self) -> bool:
+        return any(isinstance(n, float) for n in self.layers_per_stage)
+
+    def block_range(self, stage: int) -> range:
+        """The blocks stage ``stage`` runs: block ``2i`` is layer ``i``'s attention, ``2i + 1``
+        its feed-forward."""
         if not 0 <= stage < self.num_stages:
             raise IndexError(f"stage {stage} out of range 0..{self.num_stages - 1}")
-        start = sum(self.layers_per_stage[:stage])
-        return range(start, start + self.layers_per_stage[stage])
+        start = int(round(2 * sum(self.layers_per_stage[:stage])))
+        return range(start, start + int(round(2 * self.layers_per_stage[stage])))
+
+    def layer_range(self, stage: int) -> range:
+        """The layers stage ``stage`` runs in whole or in part."""
+        blocks = self.block_range(stage)
+        if not blocks:
+            return range(blocks.start // 2, blocks.start // 2)
+        return range(blocks.start // 2, (blocks.stop - 1) // 2 + 1)
+
+    def layer_blocks(self, stage: int) -> dict[int, tuple[bool, bool]]:
+        """Each layer of ``layer_range(stage)``: (holds its attention, holds its feed-forward)."""
+        blocks = self.block_range(stage)
+        return {i: (2 * i in blocks, 2 * i + 1 in blocks) for i in self.layer_range(stage)}
 
     def stage_of_layer(self, layer: int) -> int:
+        """The stage running ``layer`` (its attention, where the layer is cut in two)."""
         for s in range(self.num_stages):
-            if layer in self.layer_range(s):
+            if 2 * layer in self.block_range(s):
                 return s
         raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+
+    def layers_text(self, stage: int, *, short: bool = False) -> str:
+        """What ``stage`` runs of the encoder: ``layers 0..2 + 3 attention`` (``0..2+3a`` when
+        ``short``); ``""`` for none."""
+        parts = self.layer_blocks(stage)
+        whole = [i for i, (a, f) in parts.items() if a and f]
+        out = []
+        for i, (a, f) in parts.items():
+            if not (a and f) and f:
+                out.append(f"{i}f" if short else f"layer {i} feed-forward")
+        if whole:
+            span = f"{whole[0]}..{whole[-1]}" if len(whole) > 1 else f"{whole[0]}"
+            out.append(span if short else f"layer{'s' if len(whole) > 1 else ''} {span}")
+        for i, (a, f) in parts.items():
+            if not (a and f) and a:
+                out.append(f"{i}a" if short else f"layer {i} attention")
+        return "+".join(out)
 
     @property
     def module_to_stage_map(self) -> tuple[int, ...]:
@@ -90,7 +154,18 @@ class BertPartition:
     def to_spec(self) -> str:
         """The ``--module`` value that names this partition exactly."""
         return (f"models.bert{self.num_layers}.layers="
-                + ",".join(str(n) for n in self.layers_per_stage))
+                + ",".join(_count_text(n) for n in self.layers_per_stage))
+
+    @classmethod
+    def from_blocks(cls, blocks_per_stage: Sequence[int]) -> "BertPartition":
+        """The partition whose stage ``s`` runs ``blocks_per_stage[s]`` blocks (half layers)."""
+        return cls(tuple(b // 2 if b % 2 == 0 else b / 2 for b in blocks_per_stage))
+
+
+def _count_text(n: int | float) -> str:
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n):
+        return str(int(n)) if n == int(n) else f"{n:g}"
+    return repr(n)
 
 
 def balanced_partition(num_layers: int, depth: int) -> BertPartition:
@@ -145,15 +220,15 @@ def parse_module_spec(spec: str, num_layers: int, *, flag: str = "--module",
         except PartitionError as e:
             raise PartitionError(f"{flag} {spec!r}: {e}") from None
     items = [item.strip() for item in value.split(",")]
-    bad = [item for item in items if not re.fullmatch(r"[0-9]+", item)]
+    bad = [item for item in items if not re.fullmatch(r"[0-9]+(\.[05])?", item)]
     if bad:
         raise PartitionError(f"{flag} {spec!r}: layer counts must be comma-separated "
-                             f"non-negative integers, e.g. "
+                             f"non-negative integers or halves (n.5), e.g. "
                              f"{balanced_partition(num_layers, min(2, num_layers)).to_spec()}; "
                              f"bad item(s) {bad}")
-    counts = tuple(int(item) for item in items)
+    counts = tuple(int(item) if "." not in item else float(item) for item in items)
     if sum(counts) != num_layers:
-        raise PartitionError(f"{flag} {spec!r}: layer counts sum to {sum(counts)}, but the model "
+        raise PartitionError(f"{flag} {spec!r}: layer counts sum to {sum(counts):g}, but the model "
                              f"has {num_layers} layers")
     try:
         return BertPartition(counts)

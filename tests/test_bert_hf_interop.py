@@ -20,7 +20,8 @@ from stages.partition import parse_module_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = BertModelConfig.from_json(CONFIGS / "bert_config_tiny.json")
-SPECS = ["models.bert4.depth=1", "models.bert4.depth=3", "models.bert4.layers=0,3,1"]
+SPECS = ["models.bert4.depth=1", "models.bert4.depth=3", "models.bert4.layers=0,3,1",
+         "models.bert4.layers=1.5,1,1.5"]
 
 
 def tiny_model(spec: str = "models.bert4.depth=2", seed: int = 0):
@@ -124,8 +125,9 @@ def test_diverged_tied_copies_are_an_error():
         pipeline_to_hf_state_dict(model, state)
 
 
-def test_export_loads_in_transformers_and_gives_our_logits(tmp_path):
-    model = tiny_model("models.bert4.layers=1,2,1")
+@pytest.mark.parametrize("spec", ["models.bert4.layers=1,2,1", "models.bert4.layers=2.5,1.5"])
+def test_export_loads_in_transformers_and_gives_our_logits(tmp_path, spec):
+    model = tiny_model(spec)
     state = perturbed_state(model)
     model.load_state_dict(state)
     export_hf_checkpoint(model, state, tmp_path / "export")

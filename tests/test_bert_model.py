@@ -23,7 +23,10 @@ from stages.partition import BertPartition, PartitionError, parse_module_spec
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = BertModelConfig.from_json(CONFIGS / "bert_config_tiny.json")
 SPECS = ["models.bert4.depth=1", "models.bert4.depth=2", "models.bert4.depth=4",
-         "models.bert4.layers=0,3,1", "models.bert4.layers=1,3,0"]
+         "models.bert4.layers=0,3,1", "models.bert4.layers=1,3,0",
+         # layers cut between attention and feed-forward (half layers)
+         "models.bert4.layers=1.5,2.5", "models.bert4.layers=0.5,1,1.5,1",
+         "models.bert4.layers=2.5,0.5,1", "models.bert4.layers=0,0.5,3.5"]
 
 
 def tiny_pair(spec: str, attn: str = "sdpa", seed: int = 0):
@@ -113,7 +116,9 @@ def hf_grads_of(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("spec", ["models.bert4.depth=2", "models.bert4.depth=4",
-                                  "models.bert4.layers=0,3,1"])
+                                  "models.bert4.layers=0,3,1", "models.bert4.layers=1.5,2.5",
+                                  "models.bert4.layers=0.5,1,1.5,1",
+                                  "models.bert4.layers=2.5,0.5,1"])
 def test_gradients_match_transformers(spec):
     hf_model, model = tiny_pair(spec)
     inputs, targets = batch(seed=1)

@@ -65,6 +65,9 @@ def test_layer_ranges_and_module_map():
     ("models.bert24.layers=0,12,12", (0, 12, 12)),   # the first stage holds only the embeddings
     ("models.bert24.layers=12,12,0", (12, 12, 0)),   # the last stage holds only the heads
     ("models.bert24.layers=24", (24,)),
+    ("models.bert24.layers=12.5,11.5", (12.5, 11.5)),        # layer 12 cut in two
+    ("models.bert24.layers=0.5,23.5", (0.5, 23.5)),
+    ("models.bert24.layers=3.0,2.5,18.5", (3, 2.5, 18.5)),
 ])
 def test_parse_good_specs(spec, expected):
     assert parse_module_spec(spec, 24).layers_per_stage == expected
@@ -85,6 +88,9 @@ def test_parse_good_specs(spec, expected):
     ("models.bert24.layers=", r"bad item\(s\) \[''\]"),
     ("models.bert24.layers=12,11", "layer counts sum to 23, but the model has 24 layers"),
     ("models.bert24.layers=12,0,12", "stage 1 has no encoder layers"),
+    ("models.bert24.layers=12.5,11", "layer counts sum to 23.5, but the model has 24 layers"),
+    ("models.bert24.layers=12.25,11.75", r"bad item\(s\) \['12.25', '11.75'\]"),
+    ("models.bert24.layers=12.5,11.5,0.5,-0.5", r"bad item\(s\) \['-0.5'\]"),
 ])
 def test_parse_bad_specs(spec, message):
     with pytest.raises(PartitionError, match=re.escape(f"--module {spec!r}")) as info:
@@ -93,11 +99,38 @@ def test_parse_bad_specs(spec, message):
         str(info.value)
 
 
+def test_half_layers_name_their_blocks():
+    partition = parse_module_spec("models.bert6.layers=1.5,2,2.5", 6)
+    assert partition.has_halves and partition.num_layers == 6
+    assert [list(partition.block_range(s)) for s in range(3)] == [
+        [0, 1, 2], [3, 4, 5, 6], [7, 8, 9, 10, 11]]
+    # layer 1 is cut after its attention, layer 3 after its attention
+    assert [list(partition.layer_range(s)) for s in range(3)] == [[0, 1], [1, 2, 3], [3, 4, 5]]
+    assert partition.layer_blocks(1) == {1: (False, True), 2: (True, True), 3: (True, False)}
+    assert partition.stage_of_layer(1) == 0 and partition.stage_of_layer(3) == 1
+    assert [partition.layers_text(s) for s in range(3)] == [
+        "layer 0+layer 1 attention", "layer 1 feed-forward+layer 2+layer 3 attention",
+        "layer 3 feed-forward+layers 4..5"]
+    assert partition.layers_text(1, short=True) == "1f+2+3a"
+    assert partition.to_spec() == "models.bert6.layers=1.5,2,2.5"
+    assert parse_module_spec(partition.to_spec(), 6) == partition
+    assert BertPartition.from_blocks((3, 4, 5)) == partition
+    assert BertPartition((3.0, 3)) == BertPartition((3, 3))
+    assert BertPartition((3.0, 3)).layers_per_stage == (3, 3)
+    assert not BertPartition((3, 3)).has_halves
+
+
 def test_partition_validates_on_construction():
     with pytest.raises(PartitionError, match="stage 1: layer count -1"):
         BertPartition((2, -1, 3))
     with pytest.raises(PartitionError, match="non-empty tuple"):
         BertPartition(())
+    with pytest.raises(PartitionError, match="stage 0: layer count 1.25"):
+        BertPartition((1.25, 2.75))
+    with pytest.raises(PartitionError, match="halves must add up to whole layers"):
+        BertPartition((1.5, 2))
+    with pytest.raises(PartitionError, match="stage 1: layer count nan"):
+        BertPartition((1, float("nan"), 2))
 
 
 def test_pipeline_conf_is_stage_major():

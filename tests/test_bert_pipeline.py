@@ -14,22 +14,25 @@ from test_bert_training import TINY, hf_reference_train, optimizer_factory
 RES = ActorResources(num_cpus=0.5)
 
 
-def hf_and_pipeline(depth, seed=0, dtype=torch.float32):
+def hf_and_pipeline(depth, seed=0, dtype=torch.float32, spec=None):
     torch.manual_seed(seed)
     hf = BertForPreTraining(TINY.to_transformers()).to(dtype)
-    model = build_bert_pipeline(TINY, parse_module_spec(f"models.bert4.depth={depth}", 4), seed=1)
+    model = build_bert_pipeline(TINY, parse_module_spec(spec or f"models.bert4.depth={depth}", 4),
+                                seed=1)
     for module in model.modules:
         module.to(dtype)
     return hf, model, hf_to_pipeline_state_dict(model, hf.state_dict())
 
 
-@pytest.mark.parametrize("depth", [1, 2, 4])
-def test_pipelined_bert_loss_and_flush_training_equal_transformers(ray_cluster, depth):
+@pytest.mark.parametrize("depth, spec", [(1, None), (2, None), (4, None),
+                                         (3, "models.bert4.layers=1.5,1,1.5")])
+def test_pipelined_bert_loss_and_flush_training_equal_transformers(ray_cluster, depth, spec):
     """In float64, like test_bert_training (its docstring says why: Adam in float32 turns the
-    rounding noise of gradients that are zero in exact arithmetic into weight differences)."""
+    rounding noise of gradients that are zero in exact arithmetic into weight differences).
+    The last case cuts layers 1 and 2 between attention and feed-forward."""
     steps = random_pretraining_steps(num_steps=3, num_microbatches=4, microbatch_size=3,
                                      seq_length=16, vocab_size=TINY.vocab_size, seed=depth)
-    hf, model, init = hf_and_pipeline(depth, dtype=torch.float64)
+    hf, model, init = hf_and_pipeline(depth, dtype=torch.float64, spec=spec)
     trainer = PipelineTrainer(list(model.modules), model.loss_fn, pipeline_conf(depth, 1),
                               optimizer_factory, schedule="flush", num_microbatches=4,
                               tied_parameters=[list(g) for g in model.tied_parameters],

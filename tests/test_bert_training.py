@@ -77,7 +77,8 @@ def chain_train(model, steps) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("spec", ["models.bert4.depth=2", "models.bert4.layers=1,2,1"])
+@pytest.mark.parametrize("spec", ["models.bert4.depth=2", "models.bert4.layers=1,2,1",
+                                  "models.bert4.layers=1.5,2.5", "models.bert4.layers=0.5,3,0.5"])
 def test_three_steps_with_accumulation_match_transformers(spec):
     steps = random_pretraining_steps(num_steps=3, num_microbatches=4, microbatch_size=3,
                                      seq_length=16, vocab_size=TINY.vocab_size, seed=0)

@@ -29,15 +29,18 @@ from stages.partition import parse_module_spec
 
 DEMO = BertModelConfig.from_json(ROOT / "configs" / "bert_config_demo.json")
 VOCAB = ROOT / "data" / "sample" / "vocab.txt"
+SPLIT = "models.bert4.layers=1.5,2.5"
 TEXTS = ["The dialogue is clever, and the Music is gripping.",
          "A dreadful play", "UNAFFABLE results ... no!"]
 
 
 @pytest.fixture(scope="module")
 def pretrained(shards, tmp_path_factory):
-    """One epoch of pre-training on 2 stages, exported at its end with --export_hf."""
+    """One epoch of pre-training on 2 stages, exported at its end with --export_hf. The split
+    cuts layer 1 between its attention (stage 0) and its feed-forward (stage 1)."""
     tmp = tmp_path_factory.mktemp("pretrain")
-    p = run(["jobs/pretrain_bert24.py", *TINY, "--train_path", shards, "--num_train_epochs", 1,
+    p = run(["jobs/pretrain_bert24.py", *TINY, "--module", SPLIT, "--train_path", shards,
+             "--num_train_epochs", 1,
              "--train_batch_size", 16, "--gradient_accumulation_steps", 1, "--learning_rate",
              "5e-4", "--checkpoint_dir", tmp / "ck", "--export_hf", tmp / "at_end"])
     return tmp / "ck", tmp / "at_end", p.stdout
@@ -72,8 +75,11 @@ def test_export_reloads_in_transformers_with_the_pipelines_logits_and_tokenizer(
     hf_model.eval()
     # The pipeline: the checkpoint's two stages, as the run trained them.
     step_dir, = sorted(ck.glob("step-*"))
-    model = build_bert_pipeline(DEMO, parse_module_spec("models.bert4.depth=2", 4))
+    model = build_bert_pipeline(DEMO, parse_module_spec(SPLIT, 4))
     model.load_state_dict(stage_weights(step_dir))
+    assert "layer.1.attention.self.query.weight" in dict(model.modules[0].named_parameters())
+    assert "layer.1.intermediate.dense.weight" in dict(model.modules[1].named_parameters())
+    assert f"as {SPLIT} (2 modules: [1.5, 2.5] layers)" in stdout
     tokenizer = AutoTokenizer.from_pretrained(out)
     ours = load_tokenizer(VOCAB, do_lower_case=True)   # what pre-training tokenized with
     inputs = encode(ours)
