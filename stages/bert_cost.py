@@ -342,33 +342,46 @@ class CostModel:
 
     def balanced_blocks(self, depth: int) -> BertPartition:
         """The split of the blocks (half layers) with the least largest stage cost; among equal
-        ones, the fewest layers cut in two. A dynamic programme over (stage, first block)."""
+        ones, the fewest layers cut in two. Two dynamic programmes over (stage, first block):
+        the least largest cost, then the fewest cuts among splits whose stages all stay
+        within it."""
         blocks = 2 * self.profile.num_layers
-        if depth > blocks:
-            raise ValueError(f"depth {depth} exceeds the {blocks} half layers")
+        if depth > blocks + 2:
+            raise ValueError(f"depth {depth} exceeds the {blocks} half layers and the two ends")
         low = [0 if s in (0, depth - 1) else 1 for s in range(depth)] if depth > 1 else [blocks]
+        costs: dict[tuple[int, int, int], float] = {}
 
         def cost(s: int, start: int, stop: int) -> float:
-            return self.stage_cost(s, depth, self.block_layers(range(start, stop)))
+            if (s, start, stop) not in costs:
+                costs[s, start, stop] = self.stage_cost(
+                    s, depth, self.block_layers(range(start, stop)))
+            return costs[s, start, stop]
 
-        # best[s][j]: (largest cost, layers cut) of stages s.. holding blocks j..; pick: its size
-        best: list[dict[int, tuple[float, int]]] = [{} for _ in range(depth)]
-        pick: list[dict[int, int]] = [{} for _ in range(depth)]
-        for j in range(blocks + 1):
-            if blocks - j >= low[-1]:
-                best[-1][j], pick[-1][j] = (cost(depth - 1, j, blocks), 0), blocks - j
-        for s in range(depth - 2, -1, -1):
+        def sizes(s: int, j: int) -> range:            # what stage s may hold from block j
+            return (range(blocks - j, blocks - j + 1) if s == depth - 1
+                    else range(low[s], blocks - j + 1))
+
+        # least[s][j]: the least largest cost of stages s.. holding blocks j..
+        least: list[dict[int, float]] = [{} for _ in range(depth + 1)]
+        least[depth][blocks] = 0.0
+        for s in range(depth - 1, -1, -1):
             for j in range(blocks + 1):
-                options = []
-                for n in range(low[s], blocks - j + 1):
-                    if j + n in best[s + 1]:
-                        rest, cuts = best[s + 1][j + n]
-                        options.append(((max(cost(s, j, j + n), rest),
-                                         cuts + (j + n) % 2), n))
+                options = [max(cost(s, j, j + n), least[s + 1][j + n]) for n in sizes(s, j)
+                           if n >= low[s] and j + n in least[s + 1]]
                 if options:
-                    best[s][j], pick[s][j] = min(options)
-        sizes, j = [], 0
+                    least[s][j] = min(options)
+        cap = least[0][0] * (1 + 1e-12)
+        # cuts[s][j]: (layers cut, size of stage s) over splits of stages s.. within the cap
+        cuts: list[dict[int, tuple[int, int]]] = [{} for _ in range(depth + 1)]
+        cuts[depth][blocks] = (0, 0)
+        for s in range(depth - 1, -1, -1):
+            for j in range(blocks + 1):
+                options = [(cuts[s + 1][j + n][0] + (j + n) % 2, n) for n in sizes(s, j)
+                           if n >= low[s] and j + n in cuts[s + 1] and cost(s, j, j + n) <= cap]
+                if options:
+                    cuts[s][j] = min(options)
+        out, j = [], 0
         for s in range(depth):
-            sizes.append(pick[s][j])
-            j += sizes[-1]
-        return BertPartition.from_blocks(sizes)
+            out.append(cuts[s][j][1])
+            j += out[-1]
+        return BertPartition.from_blocks(out)

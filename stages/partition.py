@@ -164,7 +164,7 @@ class BertPartition:
 
 def _count_text(n: int | float) -> str:
     if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n):
-        return str(int(n)) if n == int(n) else f"{n:g}"
+        return str(int(n)) if n == int(n) else str(float(n))
     return repr(n)
 
 

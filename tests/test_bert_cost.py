@@ -115,6 +115,20 @@ def test_half_layers_where_they_pay_more_than_the_models_error():
     assert 0 < gain < HALF_LAYER_GAIN
 
 
+def test_among_equally_fast_splits_the_fewest_layers_are_cut():
+    """A made-up cost: stage 0 costs 100 plus its layers, the others their layers. 0,1,2 and
+    0,1.5,1.5 both have a slowest stage of 100; the split without a cut is the one chosen."""
+    class Flat(CostModel):
+        def stage_cost(self, stage, depth, layers):
+            return layers + (100.0 if stage == 0 else 0.0)
+
+    three = BertModelConfig.from_dict({**MINI6.to_dict(), "num_hidden_layers": 3})
+    base = CostModel.analytic(three, seq_length=128, microbatch_size=8, num_microbatches=3)
+    flat = Flat(base.profile, 8, 3, 0.3)
+    assert flat.balanced_blocks(3) == BertPartition((0, 1, 2))
+    assert max(flat.stage_costs(flat.balanced_blocks(3)).per_microbatch_s) == 100.0
+
+
 def test_dropout_weighs_the_attention_block():
     """Dropout draws a random number per element; on attention's b x heads x s x s
     probabilities that makes the attention block dearer (measured on one CPU thread at MiniLM's
