@@ -12,7 +12,8 @@ module of the pipeline, and the loss is one extra trailing module on the last st
 MLP matmuls, residual and LayerNorm): a count ending in ``.5`` holds half a layer at that end.
 ``3.5,2.5`` puts layers 0..2 and layer 3's attention on stage 0, layer 3's feed-forward and layers
 4..5 on stage 1. What crosses such a cut is the same ``[b, seq, hidden]`` tensor as between whole
-layers. Layers are about a third attention and two thirds feed-forward, so half layers let the
+layers. By FLOPs a layer is about a third attention and two thirds feed-forward (with dropout on
+the attention probabilities nearly half and half, `stages.bert_cost`), so half layers let the
 stages' costs even out where whole layers cannot (the heads on the last stage cost a fraction of a
 layer).
 
