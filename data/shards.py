@@ -24,13 +24,17 @@ column names are used as they are.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    # torch is imported where tensors are made (table_to_microbatch): Ray Data's read workers
+    # and split coordinators import this module and need only pyarrow (torch costs each ~2 s)
+    import torch
 
 TOKEN_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_labels")
 COLUMNS = TOKEN_COLUMNS + ("next_sentence_label",)
@@ -39,7 +43,7 @@ IGNORE_INDEX = -100  # masked_lm_labels value of a position that is not predicte
 #: One microbatch as the trainer takes it: ``(inputs, targets)`` with
 #: inputs = (input_ids, token_type_ids, attention_mask, masked_lm_labels), each int64 [b, L],
 #: and targets = (masked_lm_labels int64 [b, L], next_sentence_label int64 [b]).
-Microbatch = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor]]
+Microbatch = tuple[tuple["torch.Tensor", ...], tuple["torch.Tensor", "torch.Tensor"]]
 
 
 class ShardError(ValueError):
@@ -113,6 +117,8 @@ def _matrix(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
 
 def table_to_microbatch(table: pa.Table) -> Microbatch:
     """A pyarrow batch of shard rows as the trainer's ``(inputs, targets)`` int64 tensors."""
+    import torch
+
     # np.array copies: the tensors must not share Arrow's read-only buffers.
     cols = {name: torch.from_numpy(np.array(_matrix(table.column(name), name), dtype=np.int64))
             for name in TOKEN_COLUMNS}

@@ -37,17 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def init_ray() -> None:
-    """Join the cluster this job was submitted to (``ray job submit`` sets RAY_ADDRESS and ships
-    the working dir), or a local one (``RAY_ADDRESS=local`` forces a new one); locally started
-    workers get the repo root on their path so that stages/ and data/ import."""
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS")
-    submitted = address not in (None, "", "local")
-    ray.init(address=address or None,
-             runtime_env=None if submitted else {"env_vars": {"PYTHONPATH": str(ROOT)}})
+from jobs.ray_cluster import init_ray  # noqa: E402  (after the path is set)
 
 
 class JobError(ValueError):

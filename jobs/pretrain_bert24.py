@@ -48,19 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:           # `python jobs/pretrain_bert24.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from jobs.ray_cluster import init_ray  # noqa: E402  (after the path is set)
+
 LAUNCHER_FLAGS = ("master_addr", "nnodes", "node_rank", "nproc_per_node")
-
-
-def init_ray() -> None:
-    """Join the cluster this job was submitted to (``ray job submit`` sets RAY_ADDRESS and ships
-    the working dir), or a local one (``RAY_ADDRESS=local`` forces a new one); locally started
-    workers get the repo root on their path so that stages/ and data/ import."""
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS")
-    submitted = address not in (None, "", "local")
-    ray.init(address=address or None,
-             runtime_env=None if submitted else {"env_vars": {"PYTHONPATH": str(ROOT)}})
 
 
 SCHEDULE_CHOICES = ("2bw", "flush", "gpipe", "zb-h1", "interleaved")
@@ -904,10 +894,15 @@ def start_step(stream, spe: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; exit status 2 for bad input, 1 if training failed. A local Ray started
     here ends with the process."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)        # the flags alone: answered before torch and transformers load
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from pd2bw_ray import PipelineFailure
     from pd2bw_ray.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
     try:
         run(args)
     except ValueError as e:   # JobError, ConfigError, StreamError, BertConfigError: bad input
